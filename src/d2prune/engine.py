@@ -1,0 +1,281 @@
+"""The one sequential engine, for every architecture (METHOD.md §1).
+
+1. :func:`capture_block_inputs` runs the model once per calibration sample with
+   every decoder block replaced by a stub: block 0's stub records the hidden
+   states it receives, and every block's stub records the positional and
+   keyword arguments *that block* receives (rotary ``position_embeddings``,
+   its own attention mask - sliding-window layers get a different one - cache
+   position...). Nothing is assumed about which arguments a block takes.
+2. For each block (moved to the compute device on its own, so a model larger
+   than the accelerator fits): a dense calibration pass with forward hooks on
+   every Linear feeds shared per-input statistics (fp32) and per-layer output
+   observers; every Linear is pruned by the method's thin wrapper; a second
+   pass through the pruned block produces the next block's inputs, written in
+   place into the single activation buffer (N samples held once).
+3. :func:`sequential_logits` runs the same machinery without pruning and
+   finishes with the model's own head (final norm, lm_head) - used to check
+   the engine against the model's own forward and to evaluate models that do
+   not fit on the device whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import D2PruneError
+from .modeling import Blocks, find_blocks
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- stubs
+class _StopForward(Exception):
+    """Raised by the last block's stub: nothing after the blocks is needed."""
+
+
+class _BlockStub(nn.Module):
+    """Stands in for a decoder block inside its ModuleList.
+
+    The real block is kept outside the module tree (so ``model.to(device)``
+    moves only embeddings, norms and head) and attribute reads fall through to
+    it (models read e.g. ``decoder_layer.attention_type`` to pick its mask).
+    """
+
+    def __init__(self, index: int, block: nn.Module, handler: Callable):
+        super().__init__()
+        object.__setattr__(self, "_real", block)
+        object.__setattr__(self, "_handler", handler)
+        self.index = index
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+    def forward(self, *args, **kwargs):
+        return self._handler(self.index, args, kwargs)
+
+
+@contextlib.contextmanager
+def _stubbed(model: nn.Module, blocks: Blocks, handler: Callable, device: torch.device) -> Iterator[None]:
+    """Swap every block for a stub and put the rest of the model on ``device``;
+    always restore both."""
+    real = list(blocks.layers)
+    home = None
+    try:
+        for i, b in enumerate(real):
+            blocks.layers[i] = _BlockStub(i, b, handler)
+        p = next(model.parameters(), None)  # the blocks are out of the tree now
+        home = p.device if p is not None else None
+        model.to(device)  # moves embeddings, norms, head: not the blocks
+        yield
+    finally:
+        if home is not None:
+            model.to(home)  # still stubbed: again only the non-block modules
+        for i, b in enumerate(real):
+            blocks.layers[i] = b
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+# --------------------------------------------------------------------------- capture
+@dataclass
+class BlockCall:
+    """The arguments one block receives for one sample (besides hidden states)."""
+
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class BlockInputs:
+    """Captured inputs: ``hidden[j]`` enters block 0 for sample ``j`` and is
+    overwritten in place as the blocks advance; ``calls[i][j]`` are block
+    ``i``'s other arguments for sample ``j`` (deduplicated across samples)."""
+
+    hidden: Tensor
+    calls: list[list[BlockCall]]
+    output_is_tuple: bool = False
+    tuple_extras: tuple = field(default_factory=tuple)
+
+
+def _store(obj: Any, prev: Any, memo: dict, device: torch.device) -> Any:
+    """Move ``obj`` (tensors inside tuples/lists/dicts) to ``device``, reusing
+    the previous sample's tensor when equal (masks and rotary tables are the
+    same for every sample of one length: store them once, not N times)."""
+    if isinstance(obj, Tensor):
+        key = id(obj)
+        if key in memo:
+            return memo[key]
+        t = obj.detach().to(device)
+        if isinstance(prev, Tensor) and prev.shape == t.shape and prev.dtype == t.dtype and torch.equal(prev, t):
+            t = prev
+        memo[key] = t
+        return t
+    if isinstance(obj, (tuple, list)):
+        prevs = prev if isinstance(prev, type(obj)) and len(prev) == len(obj) else [None] * len(obj)
+        return type(obj)(_store(o, p, memo, device) for o, p in zip(obj, prevs))
+    if isinstance(obj, dict):
+        prevs = prev if isinstance(prev, dict) else {}
+        return {k: _store(v, prevs.get(k), memo, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.device,
+                         blocks: Blocks | None = None) -> BlockInputs:
+    """Run ``input_ids`` (``[N, L]``, one sample per forward, as the references
+    do) through the model with stubbed blocks; return every block's inputs."""
+    blocks = blocks or find_blocks(model)
+    n_blocks, nsamples = len(blocks), input_ids.shape[0]
+    calls: list[list[BlockCall]] = [[] for _ in range(n_blocks)]
+    state: dict[str, Any] = {"hidden": None, "j": 0, "memo": {}}
+
+    def handler(i: int, args: tuple, kwargs: dict):
+        hidden, rest, kw = _hidden_of(args, kwargs)
+        if i == 0:
+            if state["hidden"] is None:
+                state["hidden"] = torch.empty((nsamples, *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+            state["hidden"][state["j"]] = hidden[0].to(device)
+        prev = calls[i][-1] if calls[i] else None
+        memo = state["memo"]
+        calls[i].append(BlockCall(_store(rest, prev.args if prev else None, memo, device),
+                                  _store(kw, prev.kwargs if prev else None, memo, device)))
+        if i == n_blocks - 1:
+            raise _StopForward
+        return hidden
+
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        with _stubbed(model, blocks, handler, device):
+            for j in range(nsamples):
+                state["j"], state["memo"] = j, {}
+                try:
+                    model(input_ids[j:j + 1].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                else:  # pragma: no cover - only if a model skips its last block
+                    raise D2PruneError(f"{type(model).__name__} did not call its last decoder block; cannot capture its inputs")
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    if state["hidden"] is None:
+        raise D2PruneError(f"{type(model).__name__} never called its decoder blocks with hidden states")
+    return BlockInputs(state["hidden"], calls)
+
+
+def run_block(block: nn.Module, hidden: Tensor, call: BlockCall, inputs: BlockInputs | None = None) -> Tensor:
+    """One block forward for one sample (``hidden``: ``[1, L, d]``); returns the
+    new hidden states whether the block returns a tensor or a tuple."""
+    out = block(hidden, *call.args, **call.kwargs)
+    if isinstance(out, tuple):
+        if inputs is not None and not inputs.output_is_tuple:
+            inputs.output_is_tuple, inputs.tuple_extras = True, tuple(None for _ in out[1:])
+        return out[0]
+    return out
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move a block to the compute device for the duration, then back home."""
+    p = next(module.parameters(), None)
+    home = p.device if p is not None else device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Register forward hooks; they are removed however the block exits."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise D2PruneError(
+            f"NaN/Inf in {what}: the model overflows on this data; load it in float32 (--dtype float32) or check its weights"
+        )
+
+
+# --------------------------------------------------------------------------- the loop
+BlockStep = Callable[[int, nn.Module, BlockInputs], None]
+
+
+def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: BlockStep,
+               desc: str = "block", blocks: Blocks | None = None) -> BlockInputs:
+    """Capture block inputs, then call ``step(i, block_on_device, inputs)`` for
+    every block in order. ``step`` must leave the block's outputs in
+    ``inputs.hidden`` (they are the next block's inputs)."""
+    blocks = blocks or find_blocks(model)
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(model, input_ids, device, blocks)
+    log.debug("captured inputs of %d blocks for %d samples in %.2fs", len(blocks), input_ids.shape[0], time.perf_counter() - t0)
+    bar = tqdm(range(len(blocks)), desc=desc, leave=False, disable=None)
+    for i in bar:
+        bar.set_description(f"{desc} {i + 1}/{len(blocks)}")
+        with on_device(blocks[i], device) as block:
+            step(i, block, inputs)
+    return inputs
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, i: int, inputs: BlockInputs) -> None:
+    """Overwrite ``inputs.hidden`` with this block's outputs, sample by sample."""
+    for j in range(inputs.hidden.shape[0]):
+        inputs.hidden[j:j + 1] = run_block(block, inputs.hidden[j:j + 1], inputs.calls[i][j], inputs)
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: torch.device,
+                inputs: BlockInputs | None = None, blocks: Blocks | None = None) -> Iterator[Tensor]:
+    """The model's own head on given final hidden states: run the model with
+    identity stubs, replacing block 0's input by ``final_hidden[j]``, so the
+    model applies its final norm / projection / lm_head itself. Yields
+    ``[1, L, vocab]`` logits per sample."""
+    blocks = blocks or find_blocks(model)
+    state = {"j": 0}
+    is_tuple = bool(inputs and inputs.output_is_tuple)
+    extras = inputs.tuple_extras if inputs else ()
+
+    def handler(i: int, args: tuple, kwargs: dict):
+        hidden, _, _ = _hidden_of(args, kwargs)
+        if i == 0:
+            hidden = final_hidden[state["j"]:state["j"] + 1].to(hidden.device)
+        return (hidden, *extras) if is_tuple else hidden
+
+    with _stubbed(model, blocks, handler, device):
+        for j in range(input_ids.shape[0]):
+            state["j"] = j
+            yield model(input_ids[j:j + 1].to(device), use_cache=False).logits
+
+
+@torch.no_grad()
+def sequential_logits(model: nn.Module, input_ids: Tensor, device: torch.device) -> Iterator[Tensor]:
+    """The model's logits computed block by block through the engine (no
+    pruning): equals ``model(input_ids).logits`` up to float rounding."""
+    blocks = find_blocks(model)
+    inputs = sequential(model, input_ids, device, lambda i, block, inp: propagate(block, i, inp), desc="forward", blocks=blocks)
+    yield from head_logits(model, input_ids, inputs.hidden, device, inputs, blocks)

@@ -1,0 +1,81 @@
+"""What a pruning method is, to the engine.
+
+A method is a :class:`Method` (one per run, built from its frozen config) that
+hands the engine one thin :class:`LayerPruner` per Linear. The engine owns
+everything else: finding blocks, hooks, shared input statistics, moving data,
+writing weights back, errors and timing. Adding a method = one file with its
+tensor math + a ``LayerPruner`` + ``@register``; the engine does not change.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MethodConfig, Sparsity
+from ..stats import InputStats
+
+
+class LayerPruner:
+    """Thin per-Linear wrapper around a method's pure tensor functions.
+
+    ``input_stats``: keys of the input accumulators (:mod:`d2prune.stats`) the
+    layer needs. ``wants_output``: if True the engine calls
+    :meth:`observe_output` with the layer's dense output on every calibration
+    call. :meth:`prune` receives the fp32 ``[d_out, d_in]`` weight (a copy) and
+    returns the new weight and the mask (``True`` = pruned).
+    """
+
+    input_stats: tuple[str, ...] = ()
+    wants_output: bool = False
+    label: str = ""  # how the layer was pruned, for the per-layer report
+
+    def __init__(self, name: str, module: nn.Module, sparsity: Sparsity):
+        self.name = name
+        self.module = module
+        self.sparsity = sparsity
+
+    def observe_output(self, y: Tensor) -> None:
+        pass
+
+    def prune(self, W: Tensor, stats: InputStats) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Method:
+    """One pruning run's method: builds a :class:`LayerPruner` per Linear."""
+
+    config_type: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig, sparsity: Sparsity):
+        self.config = config
+        self.sparsity = sparsity
+
+    def prepare(self, model: nn.Module, calibration: Tensor, device: torch.device) -> None:
+        """A whole-model pass before the block loop (Pruner-Zero's gradients)."""
+
+    def layer(self, name: str, module: nn.Module, block_index: int) -> LayerPruner:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Extra facts for d2prune.json (choices made during the run)."""
+        return {}
+
+
+REGISTRY: dict[type[MethodConfig], type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Map a method config type to its handler (torchao-style registry)."""
+    REGISTRY[cls.config_type] = cls
+    return cls
+
+
+def build_method(config: MethodConfig, sparsity: Sparsity) -> Method:
+    try:
+        handler = REGISTRY[type(config)]
+    except KeyError:  # pragma: no cover - every registered config has a handler
+        raise ValueError(f"no handler registered for {type(config).__name__}") from None
+    return handler(config, sparsity)

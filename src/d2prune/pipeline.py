@@ -1,0 +1,99 @@
+"""The whole job, as a library function: load -> calibrate -> prune ->
+evaluate -> save. The CLI (:mod:`d2prune.cli`) only parses flags into
+:class:`DataConfig` / :class:`~d2prune.config.PruneConfig` and calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import PruneConfig, to_dict
+from .data import calibration_texts, eval_text, eval_windows, sample_calibration
+from .errors import D2PruneError
+from .evaluate import PerplexityResult, perplexity
+from .modeling import default_seqlen, load_model, pick_device
+from .pruning import PruneReport, prune
+from .save import check_output_dir, library_versions, save_pruned
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Calibration and evaluation data. ``None`` files mean: the hub via
+    ``datasets`` (C4 shard 00000, WikiText-2 raw test). ``seqlen=None``: the
+    model's context, capped at 2048."""
+
+    calib_file: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    eval_file: str | None = None
+    c4_eval_file: str | None = None
+    eval_windows: int | None = None
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.nsamples, int) and self.nsamples > 0):
+            raise D2PruneError(f"--nsamples {self.nsamples!r} must be a positive integer (the paper uses 128)")
+        if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen > 1):
+            raise D2PruneError(f"--seqlen {self.seqlen!r} must be an integer > 1")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise D2PruneError(f"--eval-windows {self.eval_windows} must be >= 1")
+
+
+def calibration_for(tokenizer, data: DataConfig, seqlen: int) -> torch.Tensor:
+    return sample_calibration(tokenizer, calibration_texts(data.calib_file), data.nsamples, seqlen, data.seed)
+
+
+def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None) -> dict[str, PerplexityResult]:
+    """WikiText-2 always; C4 validation when a file is given."""
+    out = {}
+    sets = [("wikitext2", data.eval_file)] + ([("c4", data.c4_eval_file)] if data.c4_eval_file else [])
+    for name, path in sets:
+        windows = eval_windows(tokenizer, eval_text(name, path), seqlen)
+        out[name] = perplexity(model, windows, name, data.eval_windows, device)
+        log.info("%s", out[name])
+    return out
+
+
+def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str | None = None,
+        overwrite: bool = False, dtype: str = "auto") -> dict:
+    """Prune ``model_name`` with ``config`` and return the d2prune.json record
+    (also written to ``out`` with the model, when given)."""
+    t0 = time.perf_counter()
+    if out is not None:
+        check_output_dir(out, overwrite)  # refuse before spending time
+    model, tokenizer, source = load_model(model_name, dtype=_cpu_dtype(dtype, config.device))
+    seqlen = data.seqlen or default_seqlen(model)
+    calib = calibration_for(tokenizer, data, seqlen)
+    report: PruneReport = prune(model, config, calib)
+    results = evaluate_ppl(model, tokenizer, data, seqlen, config.device) if data.evaluate else {}
+    record = {
+        "model": source.describe(),
+        "config": to_dict(config),
+        "data": {**asdict(data), "seqlen": seqlen},
+        "versions": library_versions(),
+        "sparsity": report.sparsity,
+        "prune_seconds": report.seconds,
+        "method_summary": report.method,
+        "layers": [to_dict(r) for r in report.layers],
+        "evaluation": {k: asdict(v) for k, v in results.items()},
+    }
+    record["total_seconds"] = time.perf_counter() - t0
+    if out is not None:
+        path = save_pruned(model, tokenizer, out, record, overwrite)
+        log.info("saved pruned model to %s", path)
+    return record
+
+
+def _cpu_dtype(dtype: str, device: str | None) -> str:
+    """Half precision on a CPU is slow and poorly supported: default to fp32
+    there (the statistics are fp32 either way)."""
+    if dtype in (None, "auto") and pick_device(device).type == "cpu":
+        return "float32"
+    return dtype

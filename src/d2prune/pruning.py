@@ -1,0 +1,219 @@
+"""``prune(model, config, calibration)``: the public entry point.
+
+Per block (see :mod:`d2prune.engine`): dense calibration pass with hooks ->
+every Linear pruned by the method's wrapper -> propagation pass. This file is
+the glue between the engine and the methods: hooks feed one
+:class:`~d2prune.stats.InputStats` per distinct input tensor (Linears reading
+the same tensor - q/k/v, gate/up - share it), the wrappers prune, and one
+report row per layer records shape, achieved sparsity, the reconstruction
+error ``||WX - W'X||^2 / ||WX||^2`` on the calibration inputs and the time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .config import PruneConfig, Sparsity, to_dict
+from .engine import BlockInputs, check_finite, forward_hooks, propagate, run_block, sequential
+from .errors import D2PruneError
+from .methods.base import LayerPruner, build_method
+from .modeling import find_blocks, find_prunable, in_features, pick_device, set_weight_matrix, weight_matrix
+from .stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float | None
+    seconds: float
+    how: str = ""
+
+
+@dataclass
+class PruneReport:
+    config: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    calib_forward_seconds: float = 0.0
+    method: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all pruned Linear weights."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "method_summary": self.method,
+            "sparsity": self.sparsity,
+            "seconds": self.seconds,
+            "calib_forward_seconds": self.calib_forward_seconds,
+            "layers": [to_dict(r) for r in self.layers],
+        }
+
+
+def validate_pattern(model: nn.Module, sparsity: Sparsity, blocksize: int | None = None) -> None:
+    """N:M needs M to divide every pruned layer's input width (and, for the
+    column-block methods, the block size): fail before any work is done."""
+    if not sparsity.is_nm:
+        return
+    if blocksize is not None and blocksize % sparsity.m:
+        raise D2PruneError(f"N:M {sparsity} needs a blocksize divisible by {sparsity.m}, got {blocksize}")
+    blocks = find_blocks(model)
+    for i, block in enumerate(blocks.layers):
+        for name, layer in find_prunable(block).items():
+            d_in = in_features(layer)
+            if d_in % sparsity.m:
+                raise D2PruneError(
+                    f"N:M {sparsity} does not fit layer {blocks.prefix}.{i}.{name}: its input width {d_in} is not a multiple of {sparsity.m}"
+                )
+
+
+def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """``||W X - W' X||^2 / ||W X||^2`` over the calibration inputs, from the
+    (scaled) Gram matrix ``H`` of ``X``: ``tr(dW H dW^T) / tr(W H W^T)``."""
+    dW = W - W_new
+    num = float((dW @ H * dW).sum())
+    den = float((W @ H * W).sum())
+    return num / den if den > 0 else 0.0
+
+
+class _BlockObserver:
+    """Forward hooks for one block's dense calibration pass.
+
+    Hooks only keep each Linear's input (and feed output observers); after each
+    sample :meth:`end_sample` updates one InputStats per *distinct* input
+    tensor. Groups are found on the first sample from tensor identity, when
+    every member has declared which statistics it needs.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], device: torch.device,
+                 extra_stats: tuple[str, ...]):
+        self.layers, self.prunes, self.device, self.extra = layers, prunes, device, extra_stats
+        self.seen: dict[str, list[Tensor]] = {}
+        self.stats: dict[str, InputStats] = {}
+        self.leaders: list[str] = []
+
+    def hooks(self):
+        def make(name: str):
+            pruner = self.prunes[name]
+
+            def hook(module, inp, out):
+                self.seen.setdefault(name, []).append(inp[0].detach())
+                if pruner.wants_output:
+                    pruner.observe_output((out[0] if isinstance(out, tuple) else out).detach())
+            return hook
+        return {m: make(n) for n, m in self.layers.items()}
+
+    @staticmethod
+    def _key(x: Tensor):
+        return (x.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+
+    def end_sample(self) -> None:
+        if not self.stats:
+            self._group()
+        for leader in self.leaders:
+            for x in self.seen.get(leader, []):
+                self.stats[leader].update(x)
+        self.seen.clear()
+
+    def _group(self) -> None:
+        by_key: dict = {}
+        for name in self.layers:
+            xs = self.seen.get(name)
+            key = self._key(xs[0]) if xs else ("unseen", name)
+            by_key.setdefault(key, []).append(name)
+        for names in by_key.values():
+            kinds = set(self.extra)
+            for n in names:
+                kinds.update(self.prunes[n].input_stats)
+            st = InputStats(in_features(self.layers[names[0]]), self.device, kinds)
+            self.leaders.append(names[0])
+            for n in names:
+                self.stats[n] = st
+        if len(by_key) < len(self.layers):
+            log.debug("shared input statistics: %s", [v for v in by_key.values() if len(v) > 1])
+
+
+def prune(model: nn.Module, config: PruneConfig, calibration: Tensor) -> PruneReport:
+    """Prune every Linear of the model's decoder blocks, in place.
+
+    ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.data.sample_calibration`).
+    Returns a :class:`PruneReport` with one row per layer.
+
+    >>> from d2prune import PruneConfig, load_model, prune, sample_calibration, read_texts
+    >>> model, tok, _ = load_model("../shared/models/stories260K")                # doctest: +SKIP
+    >>> calib = sample_calibration(tok, read_texts("c4.jsonl"), 128, 256, seed=0)  # doctest: +SKIP
+    >>> report = prune(model, PruneConfig(method="sparsegpt", sparsity="2:4"), calib)  # doctest: +SKIP
+    >>> round(report.sparsity, 3)                                                  # doctest: +SKIP
+    0.5
+    """
+    if not isinstance(config, PruneConfig):
+        raise D2PruneError(f"config must be a PruneConfig, not {type(config).__name__}")
+    if not (isinstance(calibration, Tensor) and calibration.dim() == 2 and calibration.shape[0] > 0):
+        raise D2PruneError("calibration must be a [nsamples, seqlen] tensor of token ids")
+    t_start = time.perf_counter()
+    device = pick_device(config.device)
+    sparsity: Sparsity = config.sparsity  # type: ignore[assignment]
+    blocks = find_blocks(model)
+    validate_pattern(model, sparsity, getattr(config.method, "blocksize", None))
+    method = build_method(config.method, sparsity)  # type: ignore[arg-type]
+    report = PruneReport(config=to_dict(config))
+    model.eval()
+    method.prepare(model, calibration, device)
+    extra = ("hessian",) if config.layer_error else ()
+    timers = {"calib": 0.0}
+
+    @torch.no_grad()
+    def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        layers = find_prunable(block)
+        qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
+        prunes = {n: method.layer(qual[n], m, i) for n, m in layers.items()}
+        if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
+            propagate(block, i, inputs)
+            return
+        obs = _BlockObserver(layers, prunes, inputs.hidden.device, extra)
+        t0 = time.perf_counter()
+        with forward_hooks(obs.hooks()):
+            for j in range(inputs.hidden.shape[0]):
+                run_block(block, inputs.hidden[j:j + 1], inputs.calls[i][j], inputs)
+                obs.end_sample()
+        timers["calib"] += time.perf_counter() - t0
+        for n, layer in layers.items():
+            t1 = time.perf_counter()
+            stats = obs.stats[n]
+            for k, acc in stats.acc.items():
+                for v in vars(acc).values():
+                    if isinstance(v, Tensor):
+                        check_finite(v, f"the calibration statistics ({k}) of {qual[n]}")
+            W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
+            W_new, mask = prunes[n].prune(W.clone(), stats)
+            set_weight_matrix(layer, W_new)
+            err = relative_error(W, W_new, stats["hessian"].H) if "hessian" in stats else None
+            achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
+            row = LayerReport(qual[n], tuple(W.shape), achieved, err,
+                              time.perf_counter() - t1, prunes[n].label)
+            report.layers.append(row)
+            log.info("%-40s %-10s sparsity %.4f  error %s  %.2fs", row.name, row.how, row.sparsity,
+                     f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
+        del obs
+        propagate(block, i, inputs)
+        check_finite(inputs.hidden, f"the outputs of pruned block {i}")
+
+    sequential(model, calibration, device, step, desc="block", blocks=blocks)
+    report.seconds = time.perf_counter() - t_start
+    report.calib_forward_seconds = timers["calib"]
+    report.method = method.summary()
+    return report
