@@ -84,6 +84,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # ours (tqdm per block) is enough
     except Exception:  # pragma: no cover
         pass
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import main as demo_main
 
-            return demo_main(nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows)
+            return demo_main(nsamples=args.nsamples, seqlen=args.seqlen, n_windows=args.eval_windows)
         parser.error(f"unknown command {args.command}")  # pragma: no cover
     except D2PruneError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)

@@ -50,9 +50,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(nsamples: int | None = None, seqlen: int | None = None, eval_windows: int | None = None,
+def main(nsamples: int | None = None, seqlen: int | None = None, n_windows: int | None = None,
          methods: tuple[str, ...] = DEMO_METHODS, sparsity: str = "0.5") -> int:
-    nsamples, seqlen, n_eval = nsamples or 32, seqlen or 512, eval_windows or 16
+    nsamples, seqlen, n_eval = nsamples or 32, seqlen or 512, n_windows or 16
     shared = find_shared_data()
     calib_path = shared / C4_FILE if shared else None
     wiki_path = shared / WIKI_FILE if shared else None

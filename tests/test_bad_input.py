@@ -1,0 +1,134 @@
+"""Every bad input gives a one-line error naming what to fix and leaves no
+output folder (nor a temporary one) behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import C4, STORIES, WIKI, needs_shared
+from d2prune import D2PruneError, PruneConfig, prune
+from d2prune.cli import main
+from d2prune.methods.sparsegpt import inverse_hessian_factor
+
+pytestmark = needs_shared
+
+
+def _run(tmp_path, capsys, *extra, out_name="out"):
+    out = tmp_path / out_name
+    args = ["-q", "prune", "--model", str(STORIES), "--seqlen", "64", "--nsamples", "4", "--calib-file", str(C4),
+            "--eval-file", str(WIKI), "--eval-windows", "2", "--out", str(out), *extra]
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    return rc, err, out
+
+
+def _assert_clean_failure(rc, err, out, match):
+    assert rc == 2
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("d2prune: error: "), err
+    assert match in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary folder left behind"
+
+
+def test_good_run_writes_everything(tmp_path, capsys):
+    rc, err, out = _run(tmp_path, capsys, "--method", "wanda", "--sparsity", "2:4")
+    assert rc == 0, err
+    rec = json.loads((out / "d2prune.json").read_text())
+    assert rec["config"]["method"]["name"] == "wanda" and rec["config"]["sparsity"]["pattern"] == "2:4"
+    assert rec["evaluation"]["wikitext2"]["windows"] == 2 and rec["data"]["nsamples"] == 4
+    assert len(rec["layers"]) == 35 and {"name", "shape", "sparsity", "error", "seconds"} <= set(rec["layers"][0])
+    assert "torch" in rec["versions"] and "transformers" in rec["versions"]
+
+
+@pytest.mark.parametrize("sparsity,match", [("1.5", "out of range"), ("-0.2", "out of range"), ("4:4", "0 < N < M"),
+                                            ("0:4", "0 < N < M"), ("half", "cannot parse sparsity")])
+def test_bad_sparsity(tmp_path, capsys, sparsity, match):
+    _assert_clean_failure(*_run(tmp_path, capsys, "--sparsity", sparsity), match)
+
+
+def test_nm_not_dividing_a_layer_names_it(tmp_path, capsys):
+    _assert_clean_failure(*_run(tmp_path, capsys, "--sparsity", "4:8"), "model.layers.0.mlp.down_proj")
+
+
+def test_missing_model_path(tmp_path, capsys):
+    _assert_clean_failure(*_run(tmp_path, capsys, "--model", str(tmp_path / "nope")), "does not exist")
+
+
+def test_corrupt_model_folder(tmp_path, capsys):
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    _assert_clean_failure(*_run(tmp_path, capsys, "--model", str(bad)), "could not load model")
+
+
+def test_corrupt_weights(tmp_path, capsys):
+    bad = tmp_path / "corrupt_w"
+    bad.mkdir()
+    (bad / "config.json").write_text((STORIES / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    _assert_clean_failure(*_run(tmp_path, capsys, "--model", str(bad)), "could not load model")
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    bad = tmp_path / "unknown_arch"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-arch", "architectures": ["NoSuchForCausalLM"]}))
+    _assert_clean_failure(*_run(tmp_path, capsys, "--model", str(bad)), "could not load model")
+
+
+def test_calibration_text_too_short(tmp_path, capsys):
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({"text": "A tiny story."}) for _ in range(5)))
+    rc, err, out = _run(tmp_path, capsys, "--calib-file", str(short))
+    _assert_clean_failure(rc, err, out, "no calibration document is longer than seqlen=64")
+
+
+def test_missing_calibration_file(tmp_path, capsys):
+    _assert_clean_failure(*_run(tmp_path, capsys, "--calib-file", str(tmp_path / "none.jsonl")), "does not exist")
+
+
+def test_existing_output_refused_then_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc, err, _ = _run(tmp_path, capsys)
+    assert rc == 2 and "already exists: pass --overwrite" in err and len(err.splitlines()) == 1
+    assert (out / "keep.txt").exists()
+    rc, err, _ = _run(tmp_path, capsys, "--overwrite")
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists() and (out / "d2prune.json").is_file()
+
+
+def test_full_disk(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", no_space)
+    _assert_clean_failure(*_run(tmp_path, capsys), "no space left on device")
+
+
+def test_nan_in_activations(stories, stories_calib):
+    import copy
+
+    model = copy.deepcopy(stories[0])
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(D2PruneError, match="NaN/Inf") as e:
+        prune(model, PruneConfig(method="sparsegpt", sparsity=0.5, device="cpu"), stories_calib[:4])
+    assert "\n" not in str(e.value)
+
+
+def test_singular_hessian_retries_with_more_damping(caplog):
+    H = torch.diag(torch.tensor([1.0, -0.5, 0.5, 0.0]))  # indefinite: plain damping cannot factor it
+    with caplog.at_level(logging.WARNING, logger="d2prune"):
+        U, dead = inverse_hessian_factor(H, 0.01, "toy")
+    assert torch.isfinite(U).all() and dead.tolist() == [False, False, False, True]
+    assert any("retrying" in r.message for r in caplog.records)
