@@ -3,6 +3,8 @@
     d2prune prune [--model M] --method sparsegpt --sparsity 0.5|2:4 [--nsamples 128]
                   [--seqlen N] [--calib-file C4.jsonl] [--eval-file WIKI.jsonl]
                   [--eval-windows N] [--seed 0] --out DIR
+    d2prune prune --method d2prune [--frozen k|q|v|none|auto|per-layer|outlier]
+                  [--variant faithful|paper|normalized] [--s 1500 --r1 1 --r2 0]
     d2prune demo
 
 Every user-fixable problem ends as ``d2prune: error: <one line>`` (exit 2).
@@ -32,6 +34,8 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-file", default=None, help="local WikiText-2 test .jsonl or .raw; default: the hub via datasets")
     g.add_argument("--c4-eval-file", default=None, help="also report C4 perplexity on this validation .jsonl")
     g.add_argument("--eval-windows", type=_int_or_none, default=None, help="evaluate only the first N windows (recorded)")
+    g.add_argument("--heldout-windows", type=int, default=16,
+                   help="--frozen auto: held-out windows (from calibration documents not sampled) to score candidates")
     g.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
 
 
@@ -54,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block (default 128)")
     p.add_argument("--percdamp", type=float, default=None, help="SparseGPT damping (default 0.01)")
+    d2 = p.add_argument_group("d2prune")
+    d2.add_argument("--frozen", default=None,
+                    help="q/k/v left un-updated: k|q|v|none|auto|per-layer|outlier (default auto)")
+    d2.add_argument("--variant", default=None, help="faithful (authors' code, default) | paper | normalized")
+    d2.add_argument("--s", type=float, default=None, help="activation scale s (default 1500)")
+    d2.add_argument("--r1", type=float, default=None, help="lambda_1 (default 1)")
+    d2.add_argument("--r2", type=float, default=None, help="lambda_2 (default 0)")
+    d2.add_argument("--rho", type=float, default=None, help="per-layer: weight of the attention KL in eq 12 (default 1)")
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
     add_data_flags(p)
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
@@ -69,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def method_options(args: argparse.Namespace) -> dict:
     opts = {}
-    for key in ("blocksize", "percdamp"):
+    for key in ("blocksize", "percdamp", "frozen", "variant", "s", "r1", "r2", "rho"):
         v = getattr(args, key, None)
         if v is not None:
             opts[key] = v
@@ -100,7 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
-                      evaluate=not args.no_eval)
+                      heldout_windows=args.heldout_windows, evaluate=not args.no_eval)
     record = run(args.model, config, data, args.out, args.overwrite, args.dtype)
     if args.json:
         print(json.dumps(record, indent=2, default=str))

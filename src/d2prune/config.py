@@ -108,6 +108,77 @@ def _check_sparsegpt_fields(blocksize: int, percdamp: float) -> None:
         raise D2PruneError(f"percdamp {percdamp!r} must be in (0, 10) (default 0.01)")
 
 
+FROZEN_STRATEGIES = ("auto", "per-layer", "outlier")
+D2_VARIANTS = ("faithful", "paper", "normalized")
+
+
+def parse_frozen(value: str) -> str:
+    """Normalise ``--frozen``: ``none``, a subset of q/k/v (``k``, ``q,v``),
+    or a strategy (``auto``, ``per-layer``, ``outlier``)."""
+    text = str(value).strip().lower().replace("_", "-")
+    if text in ("none", "") or text in FROZEN_STRATEGIES:
+        return text or "none"
+    letters = {t.strip() for t in text.replace("+", ",").split(",")} if "," in text or "+" in text else set(text)
+    if not letters or not letters <= {"q", "k", "v"}:
+        raise D2PruneError(f"--frozen {value!r} is not valid: use q, k, v (or a set like q,v), none, auto, per-layer or outlier")
+    if letters == {"q", "k", "v"}:
+        raise D2PruneError("--frozen q,k,v freezes every projection: that is D2-Wanda on all of q/k/v; pick at most two")
+    return ",".join(x for x in "qkv" if x in letters)
+
+
+@dataclass(frozen=True)
+class D2PruneConfig(MethodConfig):
+    """D²Prune (AAAI 2026), METHOD.md §3-4.
+
+    ``frozen``: the q/k/v projections pruned with D2-Wanda and NOT updated
+    (every other Linear: D2-SparseGPT), or a strategy choosing them: ``auto``
+    (prune under each of q/k/v, keep the lowest held-out perplexity),
+    ``per-layer`` (eq 12 block by block: reconstruction error + rho * attention
+    KL), ``outlier`` (appendix eqs 17-19: freeze the projection with the largest
+    share of |w| > mean|W|). ``variant``: ``faithful`` = the authors' code
+    numerics (20250516aaa/D2Prune HEAD), ``paper`` = dx^1 in D2-Wanda
+    (Algorithm 1), ``normalized`` = plain means for every statistic.
+    ``s``, ``r1``, ``r2``: the scale and the lambda_1 / lambda_2 of eq 10.
+    """
+
+    name: ClassVar[str] = "d2prune"
+    frozen: str = "auto"
+    variant: str = "faithful"
+    s: float = 1500.0
+    r1: float = 1.0
+    r2: float = 0.0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    rho: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frozen", parse_frozen(self.frozen))
+        if self.variant not in D2_VARIANTS:
+            raise D2PruneError(f"--variant {self.variant!r} is not valid: use {', '.join(D2_VARIANTS)}")
+        if not (isinstance(self.s, (int, float)) and math.isfinite(self.s) and self.s > 0):
+            raise D2PruneError(f"--s {self.s!r} must be a positive number (the paper uses 1500)")
+        for k in ("r1", "r2", "rho"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise D2PruneError(f"--{k} {v!r} must be a finite number >= 0")
+        _check_sparsegpt_fields(self.blocksize, self.percdamp)
+
+    @property
+    def frozen_set(self) -> tuple[str, ...] | None:
+        """The fixed frozen projections, or None for a search strategy."""
+        if self.frozen in FROZEN_STRATEGIES:
+            return None
+        return () if self.frozen == "none" else tuple(self.frozen.split(","))
+
+
+@dataclass(frozen=True)
+class PrunerZeroConfig(MethodConfig):
+    """Pruner-Zero (Dong et al., ICML 2024): score |W * W| * mms(G), G the
+    per-weight L2 norm of the LM-loss gradients over the calibration samples."""
+
+    name: ClassVar[str] = "pruner-zero"
+
+
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
@@ -117,7 +188,7 @@ def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
-for _cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig):
+for _cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, D2PruneConfig, PrunerZeroConfig):
     register_method_config(_cls)
 
 

@@ -117,11 +117,13 @@ class CalibrationSpec:
     seed: int
 
 
-def sample_calibration(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def sample_calibration(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int = 0,
+                       used: set[int] | None = None) -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids by the reference C4 protocol.
 
     Raises a one-line error when no document is longer than ``seqlen`` tokens
-    (the reference codes loop forever there).
+    (the reference codes loop forever there). ``used`` (if given) receives the
+    indices of the documents the samples came from, so held-out text can avoid them.
 
     >>> ids = sample_calibration(tok, docs, nsamples=128, seqlen=256, seed=0)  # doctest: +SKIP
     """
@@ -151,6 +153,8 @@ def sample_calibration(tokenizer, docs: Sequence[str], nsamples: int, seqlen: in
                     "lower --seqlen or use longer texts"
                 )
         ids = long_ids[i]
+        if used is not None:
+            used.add(i)
         j = rng.randint(0, ids.numel() - seqlen - 1)
         samples.append(ids[j:j + seqlen])
     return torch.stack(samples)

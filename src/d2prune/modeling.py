@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -232,3 +234,76 @@ def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
 
 def in_features(layer: nn.Module) -> int:
     return weight_matrix(layer).shape[1]
+
+
+# --------------------------------------------------------------------------- q / k / v
+# Architecture knowledge in one small table: the last component of a Linear's
+# name -> its role. Fused projections are split by output rows (SparseGPT's
+# update is independent per row, so pruning row slices separately is exactly
+# pruning separate q/k/v layers).
+QKV_NAMES = {
+    "q": ("q_proj", "query", "q", "wq", "to_q", "q_lin"),
+    "k": ("k_proj", "key", "k", "wk", "to_k", "k_lin"),
+    "v": ("v_proj", "value", "v", "wv", "to_v", "v_lin"),
+}
+FUSED_EQUAL_THIRDS = ("c_attn", "qkv", "W_pack")  # GPT-2 Conv1D, ViT/timm qkv, Baichuan: [q; k; v] rows
+FUSED_GQA = ("qkv_proj",)  # Phi-3: [q (n_heads*hd); k (n_kv*hd); v (n_kv*hd)]
+FUSED_UNSUPPORTED = ("query_key_value", "Wqkv", "c_attn_qkv")  # per-head interleaved layouts (GPT-NeoX, Falcon...)
+
+
+def qkv_parts(name: str, layer: nn.Module, config) -> list[tuple[str, slice]] | None:
+    """``[(role, row_slice), ...]`` for a q/k/v (or fused qkv) Linear, else None.
+
+    Raises a one-line error for fused layouts we do not split (rather than guess).
+    """
+    last = name.split(".")[-1]
+    d_out = weight_matrix(layer).shape[0]
+    for role, names in QKV_NAMES.items():
+        if last in names:
+            return [(role, slice(0, d_out))]
+    if last in FUSED_EQUAL_THIRDS:
+        if d_out % 3:
+            raise D2PruneError(f"cannot split fused q/k/v layer {name} ({d_out} rows) into thirds: use --frozen none")
+        t = d_out // 3
+        return [("q", slice(0, t)), ("k", slice(t, 2 * t)), ("v", slice(2 * t, 3 * t))]
+    if last in FUSED_GQA:
+        heads = getattr(config, "num_attention_heads", None)
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        hd = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+        if not (heads and hd) or heads * hd + 2 * kv * hd != d_out:
+            raise D2PruneError(f"cannot split fused q/k/v layer {name} ({d_out} rows) from the config: use --frozen none")
+        q, k = heads * hd, kv * hd
+        return [("q", slice(0, q)), ("k", slice(q, q + k)), ("v", slice(q + k, q + 2 * k))]
+    if last in FUSED_UNSUPPORTED:
+        raise D2PruneError(
+            f"{name} fuses q/k/v in a per-head interleaved layout that d2prune does not split: use --frozen none"
+        )
+    return None
+
+
+def attention_module(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module that owns the block's q/k/v projections (its forward returns
+    ``(attn_output, attn_weights)`` in transformers 5)."""
+    for name, mod in block.named_modules():
+        for child_name, child in mod.named_children():
+            if isinstance(child, PRUNABLE_TYPES) and (
+                child_name in QKV_NAMES["q"] or child_name in FUSED_EQUAL_THIRDS + FUSED_GQA + FUSED_UNSUPPORTED
+            ):
+                return name, mod
+    return None
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run with the eager attention implementation (explicit masks; attention
+    probabilities returned), restoring the previous one afterwards."""
+    configs = {id(c): c for c in [model.config, *(getattr(m, "config", None) for m in model.modules())]
+               if c is not None and hasattr(c, "_attn_implementation")}
+    old = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = old[k]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import PruneConfig, to_dict
-from .data import calibration_texts, eval_text, eval_windows, sample_calibration
+from .data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
 from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
 from .modeling import default_seqlen, load_model, pick_device
@@ -35,6 +35,7 @@ class DataConfig:
     eval_file: str | None = None
     c4_eval_file: str | None = None
     eval_windows: int | None = None
+    heldout_windows: int = 16
     evaluate: bool = True
 
     def __post_init__(self) -> None:
@@ -46,8 +47,18 @@ class DataConfig:
             raise D2PruneError(f"--eval-windows {self.eval_windows} must be >= 1")
 
 
-def calibration_for(tokenizer, data: DataConfig, seqlen: int) -> torch.Tensor:
-    return sample_calibration(tokenizer, calibration_texts(data.calib_file), data.nsamples, seqlen, data.seed)
+def calibration_for(tokenizer, data: DataConfig, seqlen: int, with_heldout: bool = False):
+    """``(calibration [N, L], heldout [H, L] or None)``; held-out windows come
+    from calibration documents that no sample was drawn from (file order)."""
+    docs = calibration_texts(data.calib_file)
+    used: set[int] = set()
+    calib = sample_calibration(tokenizer, docs, data.nsamples, seqlen, data.seed, used)
+    heldout = heldout_windows(tokenizer, docs, used, data.heldout_windows, seqlen) if with_heldout else None
+    return calib, heldout
+
+
+def needs_heldout(config: PruneConfig) -> bool:
+    return getattr(config.method, "frozen", None) == "auto"
 
 
 def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None) -> dict[str, PerplexityResult]:
@@ -70,8 +81,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         check_output_dir(out, overwrite)  # refuse before spending time
     model, tokenizer, source = load_model(model_name, dtype=_cpu_dtype(dtype, config.device))
     seqlen = data.seqlen or default_seqlen(model)
-    calib = calibration_for(tokenizer, data, seqlen)
-    report: PruneReport = prune(model, config, calib)
+    calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
+    report: PruneReport = prune(model, config, calib, heldout)
     results = evaluate_ppl(model, tokenizer, data, seqlen, config.device) if data.evaluate else {}
     record = {
         "model": source.describe(),

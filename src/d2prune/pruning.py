@@ -90,16 +90,17 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     return num / den if den > 0 else 0.0
 
 
-class _BlockObserver:
+class BlockObserver:
     """Forward hooks for one block's dense calibration pass.
 
-    Hooks only keep each Linear's input (and feed output observers); after each
+    Hooks only keep each Linear's input (and feed output observers: every
+    pruner listed for that Linear, e.g. one per search candidate); after each
     sample :meth:`end_sample` updates one InputStats per *distinct* input
     tensor. Groups are found on the first sample from tensor identity, when
     every member has declared which statistics it needs.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], device: torch.device,
+    def __init__(self, layers: dict[str, nn.Module], prunes: dict[str, list[LayerPruner]], device: torch.device,
                  extra_stats: tuple[str, ...]):
         self.layers, self.prunes, self.device, self.extra = layers, prunes, device, extra_stats
         self.seen: dict[str, list[Tensor]] = {}
@@ -108,12 +109,14 @@ class _BlockObserver:
 
     def hooks(self):
         def make(name: str):
-            pruner = self.prunes[name]
+            watchers = [p for p in self.prunes[name] if p.wants_output]
 
             def hook(module, inp, out):
                 self.seen.setdefault(name, []).append(inp[0].detach())
-                if pruner.wants_output:
-                    pruner.observe_output((out[0] if isinstance(out, tuple) else out).detach())
+                if watchers:
+                    y = (out[0] if isinstance(out, tuple) else out).detach()
+                    for p in watchers:
+                        p.observe_output(y)
             return hook
         return {m: make(n) for n, m in self.layers.items()}
 
@@ -138,7 +141,8 @@ class _BlockObserver:
         for names in by_key.values():
             kinds = set(self.extra)
             for n in names:
-                kinds.update(self.prunes[n].input_stats)
+                for p in self.prunes[n]:
+                    kinds.update(p.input_stats)
             st = InputStats(in_features(self.layers[names[0]]), self.device, kinds)
             self.leaders.append(names[0])
             for n in names:
@@ -147,10 +151,48 @@ class _BlockObserver:
             log.debug("shared input statistics: %s", [v for v in by_key.values() if len(v) > 1])
 
 
-def prune(model: nn.Module, config: PruneConfig, calibration: Tensor) -> PruneReport:
+@torch.no_grad()
+def calibrate(block: nn.Module, i: int, hidden: Tensor, inputs: BlockInputs, layers: dict[str, nn.Module],
+              prunes: dict[str, list[LayerPruner]], extra: tuple[str, ...], nsamples: int | None = None) -> BlockObserver:
+    """Dense calibration pass of block ``i`` over ``hidden[:nsamples]``."""
+    obs = BlockObserver(layers, prunes, hidden.device, extra)
+    with forward_hooks(obs.hooks()):
+        for j in range(hidden.shape[0] if nsamples is None else nsamples):
+            run_block(block, hidden[j:j + 1], inputs.calls[i][j], inputs)
+            obs.end_sample()
+    return obs
+
+
+@torch.no_grad()
+def prune_layers(layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], stats: dict[str, InputStats],
+                 qual: dict[str, str]) -> list[LayerReport]:
+    """Prune every Linear with its wrapper; one report row per layer."""
+    rows = []
+    for n, layer in layers.items():
+        t1 = time.perf_counter()
+        st = stats[n]
+        for k, acc in st.acc.items():
+            for v in vars(acc).values():
+                if isinstance(v, Tensor):
+                    check_finite(v, f"the calibration statistics ({k}) of {qual[n]}")
+        W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
+        W_new, _ = prunes[n].prune(W.clone(), st)
+        set_weight_matrix(layer, W_new)
+        err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
+        achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
+        row = LayerReport(qual[n], tuple(W.shape), achieved, err, time.perf_counter() - t1, prunes[n].label)
+        rows.append(row)
+        log.info("%-40s %-13s sparsity %.4f  error %s  %.2fs", row.name, row.how, row.sparsity,
+                 f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
+    return rows
+
+
+def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None = None) -> PruneReport:
     """Prune every Linear of the model's decoder blocks, in place.
 
     ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.data.sample_calibration`).
+    ``heldout``: ``[H, L]`` token ids of text not used for calibration, needed
+    only by searches that score candidates (D²Prune ``frozen="auto"``).
     Returns a :class:`PruneReport` with one row per layer.
 
     >>> from d2prune import PruneConfig, load_model, prune, sample_calibration, read_texts
@@ -174,40 +216,26 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor) -> PruneRe
     model.eval()
     method.prepare(model, calibration, device)
     extra = ("hessian",) if config.layer_error else ()
+    driver = method.driver()
+    if driver is not None and sparsity.ratio > 0:  # a search over the engine (e.g. D2Prune auto / per-layer)
+        driver(model, method, blocks, calibration, heldout, device, extra, report)
+        report.seconds = time.perf_counter() - t_start
+        return report
     timers = {"calib": 0.0}
 
     @torch.no_grad()
     def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        layers = find_prunable(block)
-        qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
-        prunes = {n: method.layer(qual[n], m, i) for n, m in layers.items()}
         if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
             propagate(block, i, inputs)
             return
-        obs = _BlockObserver(layers, prunes, inputs.hidden.device, extra)
+        layers = find_prunable(block)
+        qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
+        method.begin_block(i, block, layers)
+        prunes = {n: method.layer(qual[n], m, i) for n, m in layers.items()}
         t0 = time.perf_counter()
-        with forward_hooks(obs.hooks()):
-            for j in range(inputs.hidden.shape[0]):
-                run_block(block, inputs.hidden[j:j + 1], inputs.calls[i][j], inputs)
-                obs.end_sample()
+        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [p] for n, p in prunes.items()}, extra)
         timers["calib"] += time.perf_counter() - t0
-        for n, layer in layers.items():
-            t1 = time.perf_counter()
-            stats = obs.stats[n]
-            for k, acc in stats.acc.items():
-                for v in vars(acc).values():
-                    if isinstance(v, Tensor):
-                        check_finite(v, f"the calibration statistics ({k}) of {qual[n]}")
-            W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
-            W_new, mask = prunes[n].prune(W.clone(), stats)
-            set_weight_matrix(layer, W_new)
-            err = relative_error(W, W_new, stats["hessian"].H) if "hessian" in stats else None
-            achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
-            row = LayerReport(qual[n], tuple(W.shape), achieved, err,
-                              time.perf_counter() - t1, prunes[n].label)
-            report.layers.append(row)
-            log.info("%-40s %-10s sparsity %.4f  error %s  %.2fs", row.name, row.how, row.sparsity,
-                     f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
+        report.layers.extend(prune_layers(layers, prunes, obs.stats, qual))
         del obs
         propagate(block, i, inputs)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")

@@ -31,11 +31,13 @@ def as_columns(x: Tensor) -> tuple[Tensor, int]:
 
 
 class Accumulator:
-    """A running statistic of a layer input. Subclasses set ``key``."""
+    """A running statistic of a layer input. Subclasses set ``key``; a key
+    requested as ``"name:arg"`` passes ``float(arg)`` to the constructor (e.g.
+    D²Prune's scale ``s``), so different settings never share a buffer."""
 
     key: str = ""
 
-    def __init__(self, d_in: int, device: torch.device):
+    def __init__(self, d_in: int, device: torch.device, *params: float):
         self.n = 0
 
     def update(self, x: Tensor) -> None:  # pragma: no cover - abstract
@@ -80,7 +82,7 @@ class RunningSqNorm(Accumulator):
         self.value += torch.norm(inp, p=2, dim=1) ** 2 / self.n
 
 
-ACCUMULATORS: dict[str, Callable[[int, torch.device], Accumulator]] = {}
+ACCUMULATORS: dict[str, Callable[..., Accumulator]] = {}
 
 
 def register_accumulator(cls: type[Accumulator]) -> type[Accumulator]:
@@ -92,6 +94,11 @@ register_accumulator(RunningHessian)
 register_accumulator(RunningSqNorm)
 
 
+def make_accumulator(key: str, d_in: int, device: torch.device) -> Accumulator:
+    name, *params = key.split(":")
+    return ACCUMULATORS[name](d_in, device, *(float(p) for p in params))
+
+
 class InputStats:
     """All accumulators one input tensor feeds, plus a cache for values derived
     from them (e.g. the damped inverse-Hessian Cholesky factor), so layers that
@@ -99,7 +106,7 @@ class InputStats:
 
     def __init__(self, d_in: int, device: torch.device, kinds: Iterable[str]):
         self.d_in = d_in
-        self.acc: dict[str, Accumulator] = {k: ACCUMULATORS[k](d_in, device) for k in sorted(set(kinds))}
+        self.acc: dict[str, Accumulator] = {k: make_accumulator(k, d_in, device) for k in sorted(set(kinds))}
         self._cache: dict = {}
 
     def update(self, x: Tensor) -> None:

@@ -56,8 +56,18 @@ class Method:
     def prepare(self, model: nn.Module, calibration: Tensor, device: torch.device) -> None:
         """A whole-model pass before the block loop (Pruner-Zero's gradients)."""
 
+    def begin_block(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Called with the dense block before its :meth:`layer` calls (for
+        per-block choices that need all of the block's weights)."""
+
     def layer(self, name: str, module: nn.Module, block_index: int) -> LayerPruner:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def driver(self):
+        """A search that drives the engine itself (D²Prune ``auto`` /
+        ``per-layer``), or None for the plain block loop. Signature:
+        ``driver(model, method, blocks, calibration, heldout, device, extra, report)``."""
+        return None
 
     def summary(self) -> dict:
         """Extra facts for d2prune.json (choices made during the run)."""

@@ -1,0 +1,298 @@
+"""D²Prune (AAAI 2026): dual-Taylor scores + attention-aware q/k/v update
+(METHOD.md §3-4).
+
+Two kinds of layers:
+
+* **D2-SparseGPT** (every Linear except the frozen q/k/v): SparseGPT's OBS mask
+  and update (:func:`~d2prune.methods.sparsegpt.obs_prune`) with the eq 10
+  saliency ``S = W^2/U_jj^2 + r1 * y_i |W_ij| dx_j - r2 * W_ij^2 dx_j^2``.
+* **D2-Wanda** (the frozen projections, no weight update):
+  ``S = W^2 a_j + r1 * y_i |W_ij| dx_j^e - r2 * W^2 dx_j^2``, per row or N:M.
+
+``y_i`` = per-output-channel activation magnitude / s, ``dx_j`` = per-input-
+channel magnitude / s (dx = lambda * x, eqs 13-15). Variants (METHOD.md §3.1):
+
+* ``faithful`` - the authors' code (20250516aaa/D2Prune HEAD b22c860), quirks
+  included: ``y`` and ``dx`` are running buffers updated ``buf *= n/(n+1);
+  buf += t`` (index-weighted sums, not means); D2-SparseGPT's ``dx`` comes from
+  the Hessian-rescaled input ``sqrt(2/n) X``; D2-Wanda's exponent ``e = 0`` (dx
+  drops out of its r1 term); float operations in the code's order.
+* ``paper`` - as faithful but ``e = 1`` (Algorithm 1; cquxl/D2Prune).
+* ``normalized`` - plain per-sample means of ``||Y_k[:, i]||`` and
+  ``||X_k[:, j]||`` (raw input) / s: independent of sample order and batch
+  size; ``e = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from ..config import D2PruneConfig, Sparsity
+from ..masks import row_mask
+from ..errors import D2PruneError
+from ..modeling import qkv_parts, weight_matrix
+from ..stats import Accumulator, as_columns, register_accumulator
+from .base import LayerPruner, Method, register
+from .sparsegpt import hessian_factor, obs_prune
+
+# --------------------------------------------------------------------------- statistics
+
+
+@register_accumulator
+class ScaledInputNormIW(Accumulator):
+    """faithful D2-SparseGPT ``dx``: index-weighted sum of ``||sqrt(2/n) X[:, j]|| / s``
+    (the reference rescales the input for the Hessian first, then takes its norm)."""
+
+    key = "d2_dx_scaled_iw"
+
+    def __init__(self, d_in, device, s):
+        super().__init__(d_in, device)
+        self.s = s
+        self.value = torch.zeros(d_in, dtype=torch.float32, device=device)
+
+    def update(self, x: Tensor) -> None:
+        inp, b = as_columns(x)
+        self.value *= self.n / (self.n + b)
+        self.n += b
+        inp = math.sqrt(2 / self.n) * inp.float()
+        self.value += torch.norm(inp, p=2, dim=1) / self.s
+
+
+@register_accumulator
+class InputNormIW(Accumulator):
+    """faithful D2-Wanda ``dx``: index-weighted sum of ``||X[:, j]|| / s`` (raw fp32 input)."""
+
+    key = "d2_dx_raw_iw"
+
+    def __init__(self, d_in, device, s):
+        super().__init__(d_in, device)
+        self.s = s
+        self.value = torch.zeros(d_in, dtype=torch.float32, device=device)
+
+    def update(self, x: Tensor) -> None:
+        inp, b = as_columns(x)
+        self.value *= self.n / (self.n + b)
+        self.n += b
+        inp = inp.type(torch.float32)
+        self.value += torch.norm(inp, p=2, dim=1) / self.s
+
+
+@register_accumulator
+class InputNormMean(Accumulator):
+    """normalized ``dx``: plain mean over samples of ``||X_k[:, j]|| / s``."""
+
+    key = "d2_dx_mean"
+
+    def __init__(self, d_in, device, s):
+        super().__init__(d_in, device)
+        self.s = s
+        self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
+
+    def update(self, x: Tensor) -> None:
+        x = x if x.dim() == 3 else x.unsqueeze(0)
+        self.total += torch.linalg.vector_norm(x.double(), dim=1).sum(0)  # one norm per sample
+        self.n += x.shape[0]
+
+    @property
+    def value(self) -> Tensor:
+        return (self.total / max(self.n, 1) / self.s).float()
+
+
+class OutputNorm:
+    """``y_i``: per-output-channel norm of the layer's dense output / s,
+    index-weighted (faithful/paper) or a plain per-sample mean (normalized)."""
+
+    def __init__(self, s: float, index_weighted: bool):
+        self.s, self.iw, self.n = s, index_weighted, 0
+        self.buf: Tensor | None = None
+
+    def update(self, out: Tensor) -> None:
+        out = out if out.dim() == 3 else out.unsqueeze(0)
+        b = out.shape[0]
+        if self.iw:
+            t = torch.norm(out.reshape(-1, out.shape[-1]).float(), p=2, dim=0) / self.s
+            if self.buf is None:
+                self.buf = torch.zeros_like(t)
+            self.buf *= self.n / (self.n + b)
+            self.n += b
+            self.buf += t
+        else:
+            t = torch.linalg.vector_norm(out.double(), dim=1).sum(0)
+            self.buf = t if self.buf is None else self.buf + t
+            self.n += b
+
+    @property
+    def value(self) -> Tensor:
+        if self.buf is None:
+            raise RuntimeError("no calibration output was observed")
+        return self.buf if self.iw else (self.buf / self.n / self.s).float()
+
+
+# --------------------------------------------------------------------------- scores (eq 10)
+def d2_sparsegpt_score(W1: Tensor, d1: Tensor, y: Tensor, dx: Tensor, r1: float, r2: float) -> Tensor:
+    """``W^2 / U_jj^2 + r1 * y |W| dx - r2 * W^2 dx^2`` on a column block
+    (``dx`` already sliced to the block). Operation order = the authors' code."""
+    tmp = W1 ** 2 / (d1.reshape((1, -1))) ** 2
+    tmp += r1 * ((y.reshape((-1, 1)) ** 1) * torch.abs(W1) * (dx.reshape((1, -1)) ** 1))
+    tmp += -r2 * (W1 ** 2) * (dx.reshape((1, -1)) ** 2)
+    return tmp
+
+
+def d2_wanda_score(W: Tensor, a: Tensor, y: Tensor, dx: Tensor, r1: float, r2: float, e: int) -> Tensor:
+    """``W^2 a + r1 * y |W| dx^e - r2 * W^2 dx^2`` (``a`` = Wanda's mean squared
+    input norm: W^2 a is Wanda's score squared). Operation order = the authors' code."""
+    metric = (torch.abs(W) ** 2) * (a.reshape((1, -1)) ** 1)
+    metric += r1 * (y.reshape((-1, 1)) ** 1) * torch.abs(W) * (dx.reshape((1, -1)) ** e)
+    metric += -r2 * (torch.abs(W) ** 2) * (dx.reshape((1, -1)) ** 2)
+    return metric
+
+
+def outlier_ratio(W: Tensor) -> float:
+    """Appendix eq 18: share of weights with ``|w| > mean |W|``."""
+    a = W.abs().float()
+    return float((a > a.mean()).float().mean())
+
+
+# --------------------------------------------------------------------------- per-layer wrappers
+def _dx_key(variant: str, updated: bool, s: float) -> str:
+    if variant == "normalized":
+        return f"d2_dx_mean:{s!r}"
+    return f"d2_dx_scaled_iw:{s!r}" if updated else f"d2_dx_raw_iw:{s!r}"
+
+
+class D2SparseGPTLayer(LayerPruner):
+    wants_output = True
+    label = "d2-sparsegpt"
+
+    def __init__(self, name, module, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
+        super().__init__(name, module, sparsity)
+        self.cfg, self.rows = cfg, rows
+        self.dx_key = _dx_key(cfg.variant, True, cfg.s)
+        self.input_stats = ("hessian", self.dx_key)
+        self.y = OutputNorm(cfg.s, cfg.variant != "normalized")
+
+    def observe_output(self, y):
+        self.y.update(y if self.rows is None else y[..., self.rows])
+
+    def prune(self, W, stats):
+        U, dead = hessian_factor(stats, self.cfg.percdamp, self.name)
+        y, dx, r1, r2 = self.y.value, stats[self.dx_key].value, self.cfg.r1, self.cfg.r2
+
+        def score(W_sub, d_sub, c0, c1):
+            return d2_sparsegpt_score(W_sub, d_sub, y, dx[c0:c1], r1, r2)
+
+        return obs_prune(W, U, dead, self.sparsity, self.cfg.blocksize, score)
+
+
+class D2WandaLayer(LayerPruner):
+    wants_output = True
+    label = "d2-wanda"
+
+    def __init__(self, name, module, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
+        super().__init__(name, module, sparsity)
+        self.cfg, self.rows = cfg, rows
+        self.dx_key = _dx_key(cfg.variant, False, cfg.s)
+        self.input_stats = ("sq_norm", self.dx_key)
+        self.y = OutputNorm(cfg.s, cfg.variant != "normalized")
+        self.e = 0 if cfg.variant == "faithful" else 1
+
+    def observe_output(self, y):
+        self.y.update(y if self.rows is None else y[..., self.rows])
+
+    def prune(self, W, stats):
+        score = d2_wanda_score(W, stats["sq_norm"].value, self.y.value, stats[self.dx_key].value,
+                               self.cfg.r1, self.cfg.r2, self.e)
+        mask = row_mask(score, self.sparsity)
+        W[mask] = 0
+        return W, mask
+
+
+class RowSplitLayer(LayerPruner):
+    """A fused q/k/v Linear pruned as its separate projections (row slices):
+    exact, since both SparseGPT's update and Wanda's ranking act per row."""
+
+    wants_output = True
+
+    def __init__(self, name, module, sparsity, parts: list[tuple[slice, LayerPruner]]):
+        super().__init__(name, module, sparsity)
+        self.parts = parts
+        self.input_stats = tuple(sorted({k for _, p in parts for k in p.input_stats}))
+        self.label = "+".join(p.label for _, p in parts)
+
+    def observe_output(self, y):
+        for _, p in self.parts:
+            p.observe_output(y)
+
+    def prune(self, W, stats):
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        for rows, p in self.parts:
+            W[rows], mask[rows] = p.prune(W[rows].clone(), stats)
+        return W, mask
+
+
+@register
+class D2Prune(Method):
+    """D²Prune with a fixed frozen set or the ``outlier`` rule; ``auto`` and
+    ``per-layer`` are searches over this method (:mod:`d2prune.selection`)."""
+
+    config_type = D2PruneConfig
+
+    def __init__(self, config: D2PruneConfig, sparsity: Sparsity):
+        super().__init__(config, sparsity)
+        self.model_config = None
+        self.block_frozen: dict[int, tuple[str, ...]] = {}
+        self.outlier_ratios: dict[int, dict[str, float]] = {}
+
+    def prepare(self, model, calibration, device):
+        self.model_config = model.config
+
+    def driver(self):
+        if self.config.frozen in ("auto", "per-layer"):
+            from .. import selection
+
+            return selection.prune_auto if self.config.frozen == "auto" else selection.prune_per_layer
+        return None
+
+    def with_frozen(self, frozen: str) -> "D2Prune":
+        m = D2Prune(replace(self.config, frozen=frozen), self.sparsity)
+        m.model_config = self.model_config
+        return m
+
+    def begin_block(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> None:
+        fixed = self.config.frozen_set
+        if fixed is not None:
+            self.block_frozen[index] = fixed
+            return
+        # outlier rule (appendix eqs 17-19): freeze argmax_j r_j of the dense q/k/v
+        ratios: dict[str, float] = {}
+        for name, mod in layers.items():
+            for role, rows in qkv_parts(name, mod, self.model_config) or []:
+                ratios[role] = outlier_ratio(weight_matrix(mod)[rows])
+        if set(ratios) != {"q", "k", "v"}:
+            raise D2PruneError(f"block {index} has no recognisable q/k/v projections for --frozen outlier")
+        self.outlier_ratios[index] = ratios
+        self.block_frozen[index] = (max(ratios, key=ratios.get),)
+
+    def layer(self, name, module, block_index):
+        frozen = self.block_frozen.get(block_index, self.config.frozen_set or ())
+        cfg, sp = self.config, self.sparsity
+        parts = qkv_parts(name, module, self.model_config) if frozen else None
+        if not parts or not any(role in frozen for role, _ in parts):
+            return D2SparseGPTLayer(name, module, sp, cfg)
+        if len(parts) == 1:
+            return D2WandaLayer(name, module, sp, cfg)
+        return RowSplitLayer(name, module, sp, [
+            (rows, (D2WandaLayer if role in frozen else D2SparseGPTLayer)(f"{name}[{role}]", module, sp, cfg, rows))
+            for role, rows in parts
+        ])
+
+    def summary(self):
+        out = {"variant": self.config.variant, "frozen": self.config.frozen,
+               "frozen_per_block": {str(k): list(v) for k, v in sorted(self.block_frozen.items())}}
+        if self.outlier_ratios:
+            out["outlier_ratios"] = {str(k): v for k, v in sorted(self.outlier_ratios.items())}
+        return out

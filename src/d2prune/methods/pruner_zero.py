@@ -1,0 +1,119 @@
+"""Pruner-Zero (Dong et al., ICML 2024), METHOD.md §2.
+
+Score ``|W * W| * mms(G)`` (the evolved symbolic metric of pprp/Pruner-Zero's
+``best_tree.json``), ``G`` = per-weight L2 norm of the language-modelling
+loss gradient over the calibration samples (labels = inputs), ``mms`` = min-max
+scaling over the whole matrix; pruned per row like Wanda (no update).
+
+The gradients are taken on the dense model before any pruning, one sample at
+a time, with the weights untouched (the reference collects them with an
+optimizer in the loop; we never step). Memory: the model on the device, one
+sample's activations and autograd graph, and an fp32 buffer of ``G^2`` per
+pruned weight (4 bytes per weight); each ``.grad`` is folded into ``G^2`` and
+freed as soon as it is accumulated, so no full set of gradients is held.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PrunerZeroConfig
+from ..engine import check_finite
+from ..errors import D2PruneError
+from ..masks import row_mask
+from ..modeling import find_blocks, find_prunable, weight_matrix
+from .base import LayerPruner, Method, register
+
+log = logging.getLogger(__name__)
+
+
+def min_max(x: Tensor) -> Tensor:
+    """``mms``: scale to [0, 1] over the whole tensor."""
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def pruner_zero_score(W: Tensor, G: Tensor) -> Tensor:
+    return torch.abs(W * W) * min_max(G)
+
+
+def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) -> dict[str, Tensor]:
+    """``{qualified Linear name: G}`` with ``G = sqrt(sum_k g_k^2)`` ([d_out, d_in], fp32)."""
+    blocks = find_blocks(model)
+    targets = {f"{blocks.prefix}.{i}.{n}": m for i, b in enumerate(blocks.layers) for n, m in find_prunable(b).items()}
+    params = {id(m.weight): name for name, m in targets.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    home = next(model.parameters()).device
+    sq: dict[str, Tensor] = {}
+    handles = []
+
+    def fold(p: Tensor) -> None:  # runs when p.grad is complete for this sample
+        name = params[id(p)]
+        g = p.grad.float()
+        sq[name] = g * g if name not in sq else sq[name].add_(g * g)
+        p.grad = None
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in params)
+        for m in targets.values():
+            handles.append(m.weight.register_post_accumulate_grad_hook(fold))
+        model.to(device)
+        for j in range(calibration.shape[0]):
+            ids = calibration[j:j + 1].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise D2PruneError(f"the language-modelling loss is {loss.item()} on calibration sample {j}: "
+                                   "load the model in float32 (--dtype float32) or check its weights")
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+            p.grad = None
+        model.to(home)
+    out = {}
+    for name, m in targets.items():
+        if name not in sq:
+            raise D2PruneError(f"{name} received no gradient from the language-modelling loss: Pruner-Zero cannot score it")
+        G = sq[name].sqrt()
+        if m.weight.shape != weight_matrix(m).shape:  # Conv1D stores [d_in, d_out]
+            G = G.t()
+        out[name] = G.contiguous()
+    return out
+
+
+class PrunerZeroLayer(LayerPruner):
+    label = "pruner-zero"
+
+    def __init__(self, name, module, sparsity, G: Tensor):
+        super().__init__(name, module, sparsity)
+        self.G = G
+
+    def prune(self, W, stats):
+        G = self.G.to(W.device)
+        check_finite(G, f"the gradient norms of {self.name}")
+        mask = row_mask(pruner_zero_score(W, G), self.sparsity)
+        W[mask] = 0
+        return W, mask
+
+
+@register
+class PrunerZero(Method):
+    config_type = PrunerZeroConfig
+
+    def __init__(self, config, sparsity):
+        super().__init__(config, sparsity)
+        self.G: dict[str, Tensor] = {}
+
+    def prepare(self, model, calibration, device):
+        if self.sparsity.ratio > 0:
+            with torch.enable_grad():
+                self.G = gradient_norms(model, calibration, device)
+
+    def layer(self, name, module, block_index):
+        return PrunerZeroLayer(name, module, self.sparsity, self.G.pop(name))
