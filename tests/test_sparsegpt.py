@@ -13,7 +13,7 @@ from d2prune import PruneConfig, Sparsity, prune
 from d2prune.methods.sparsegpt import inverse_hessian_factor, obs_prune
 
 
-def textbook_obs(W, H, sparsity: Sparsity, percdamp=0.01):
+def textbook_obs(W, H, sparsity: Sparsity, percdamp=0.01, extra=None):
     """Column-by-column Optimal Brain Surgeon in float64, written from the
     SparseGPT paper: keep the inverse Hessian of the not-yet-processed columns
     explicitly and eliminate one column at a time (no Cholesky, no blocks).
@@ -22,7 +22,8 @@ def textbook_obs(W, H, sparsity: Sparsity, percdamp=0.01):
     [H_F^-1]_jj the diagonal after eliminating the columns before j (= the
     squared diagonal of the Cholesky factor), all rows x all columns, ``<=``
     the int(numel*p)-th score; N:M - at each group start, from the current
-    (updated) weights.
+    (updated) weights. ``extra(W_sub, cols)`` adds a term to the score
+    (D²Prune's eq 10 activation terms).
     """
     W = W.double().clone()
     H = H.double().clone()
@@ -41,11 +42,15 @@ def textbook_obs(W, H, sparsity: Sparsity, percdamp=0.01):
     mask = torch.zeros_like(W, dtype=torch.bool)
     if not sparsity.is_nm:
         score = W ** 2 / dd.reshape(1, -1) ** 2
+        if extra is not None:
+            score = score + extra(W, slice(0, d))
         thresh = torch.sort(score.flatten())[0][int(score.numel() * sparsity.ratio)]
         mask = score <= thresh
     for i in range(d):
         if sparsity.is_nm and i % sparsity.m == 0:
             s = W[:, i:i + sparsity.m] ** 2 / dd[i:i + sparsity.m].reshape(1, -1) ** 2
+            if extra is not None:
+                s = s + extra(W[:, i:i + sparsity.m], slice(i, i + sparsity.m))
             idx = torch.topk(s, sparsity.n, dim=1, largest=False)[1]
             mask[:, i:i + sparsity.m].scatter_(1, idx, True)
         w = W[:, i].clone()

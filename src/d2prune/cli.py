@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the d2prune.json record on stdout")
 
+    g = sub.add_parser("diagnose", help="attention KL / RMSE of a pruned model against the dense one, per block")
+    g.add_argument("--dense", default=None, help="the dense model (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--pruned", required=True, help="a d2prune output folder (or any model of the same architecture)")
+    g.add_argument("--eval-file", default=None, help="WikiText-2 test .jsonl (default: the hub)")
+    g.add_argument("--seqlen", type=int, default=None)
+    g.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
+    g.add_argument("--device", default=None)
+    g.add_argument("--plot", default=None, help="PNG path (default PRUNED/attention.png)")
+    g.add_argument("--json", default=None, help="JSON path (default PRUNED/attention.json)")
+
     d = sub.add_parser("demo", help="prune SmolLM2-135M with every baseline and print a table (offline)")
     d.add_argument("--nsamples", type=int, default=None)
     d.add_argument("--seqlen", type=int, default=None)
@@ -131,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return cmd_prune(args)
+        if args.command == "diagnose":
+            from .pipeline import diagnose
+
+            diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot, args.json)
+            return 0
         if args.command == "demo":
             from .demo import main as demo_main
 

@@ -108,3 +108,31 @@ def _cpu_dtype(dtype: str, device: str | None) -> str:
     if dtype in (None, "auto") and pick_device(device).type == "cpu":
         return "float32"
     return dtype
+
+
+def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = None, seqlen: int | None = None,
+             windows: int = 8, device: str | None = None, plot_path: str | None = None,
+             json_path: str | None = None) -> dict:
+    """Attention KL / RMSE of a pruned folder against its dense model, on the
+    first ``windows`` WikiText-2 windows (not calibration text)."""
+    import json
+    from pathlib import Path
+
+    from .diagnostics import attention_diff, format_table, plot, summarize
+
+    dev = pick_device(device)
+    dense, tok, src = load_model(dense_name, dtype=_cpu_dtype("auto", device))
+    pruned, _, psrc = load_model(pruned_dir, dtype=_cpu_dtype("auto", device))
+    seqlen = seqlen or default_seqlen(dense)
+    ids = eval_windows(tok, eval_text("wikitext2", text_file), seqlen)[:windows]
+    rows = attention_diff(dense, pruned, ids, dev)
+    result = {"dense": src.describe(), "pruned": psrc.describe(), "windows": int(ids.shape[0]), "seqlen": seqlen,
+              **summarize(rows)}
+    print(format_table(rows))
+    folder = Path(pruned_dir)
+    plot_path = plot_path or (str(folder / "attention.png") if folder.is_dir() else "attention.png")
+    json_path = json_path or (str(folder / "attention.json") if folder.is_dir() else "attention.json")
+    plot(rows, plot_path, f"{psrc.describe()} vs dense")
+    Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s and %s", plot_path, json_path)
+    return result
