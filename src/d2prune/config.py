@@ -142,6 +142,7 @@ class D2PruneConfig(MethodConfig):
     """
 
     name: ClassVar[str] = "d2prune"
+    label_fields: ClassVar[tuple[str, ...]] = ("frozen",)
     frozen: str = "auto"
     variant: str = "faithful"
     s: float = 1500.0
@@ -161,6 +162,8 @@ class D2PruneConfig(MethodConfig):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise D2PruneError(f"--{k} {v!r} must be a finite number >= 0")
+            object.__setattr__(self, k, float(v))
+        object.__setattr__(self, "s", float(self.s))
         _check_sparsegpt_fields(self.blocksize, self.percdamp)
 
     @property
@@ -203,6 +206,40 @@ def method_config(name: str, **options: Any) -> MethodConfig:
     if unknown:
         raise D2PruneError(f"method {name!r} takes no option(s) {', '.join(unknown)}")
     return cls(**options)
+
+
+def parse_method_spec(spec: "str | MethodConfig") -> MethodConfig:
+    """``"wanda"``, ``"d2prune:frozen=k,variant=paper"`` -> a method config
+    (how sweeps and the demo name method settings in one string; a set of
+    frozen projections is written with ``+``: ``frozen=q+v``)."""
+    if isinstance(spec, MethodConfig):
+        return spec
+    name, _, rest = str(spec).strip().partition(":")
+    opts: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise D2PruneError(f"bad method option {item!r} in {spec!r}: write key=value, e.g. d2prune:frozen=k")
+        opts[key.strip()] = _coerce(value.strip())
+    return method_config(name.strip(), **opts)
+
+
+def method_label(cfg: MethodConfig) -> str:
+    """The inverse of :func:`parse_method_spec` for non-default options."""
+    default = type(cfg)()
+    always = getattr(cfg, "label_fields", ())
+    opts = [f"{f.name}={getattr(cfg, f.name)}".replace(",", "+") for f in dataclasses.fields(cfg)
+            if f.name in always or getattr(cfg, f.name) != getattr(default, f.name)]
+    return cfg.name + (":" + ",".join(opts) if opts else "")
+
+
+def _coerce(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
 
 
 # --------------------------------------------------------------------------- run
