@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .config import METHOD_CONFIGS, PruneConfig, method_config
 from .errors import D2PruneError
@@ -37,6 +38,17 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout-windows", type=int, default=16,
                    help="--frozen auto: held-out windows (from calibration documents not sampled) to score candidates")
     g.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+
+
+def add_zeroshot_flags(p: argparse.ArgumentParser, with_switch: bool = False) -> None:
+    g = p.add_argument_group("zero-shot (lm-eval-harness, local task data)")
+    if with_switch:
+        g.add_argument("--zero-shot", action="store_true", help="also evaluate zero-shot accuracy after pruning")
+    g.add_argument("--tasks", default=None,
+                   help="comma list (default: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa)")
+    g.add_argument("--limit", type=float, default=None, help="items per task (int) or fraction (<1), recorded")
+    g.add_argument("--task-data", default=None, help="folder laid out like ../shared/data/zeroshot (default: found beside the checkout)")
+    g.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -68,9 +80,37 @@ def build_parser() -> argparse.ArgumentParser:
     d2.add_argument("--rho", type=float, default=None, help="per-layer: weight of the attention KL in eq 12 (default 1)")
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
     add_data_flags(p)
+    add_zeroshot_flags(p, with_switch=True)
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the d2prune.json record on stdout")
+
+    e = sub.add_parser("eval", help="zero-shot accuracy (lm-eval-harness, offline task data) and optionally perplexity")
+    add_model_flags(e)
+    add_zeroshot_flags(e)
+    e.add_argument("--ppl", action="store_true", help="also WikiText-2 perplexity (--eval-file, --seqlen, --eval-windows)")
+    e.add_argument("--eval-file", default=None)
+    e.add_argument("--seqlen", type=int, default=None)
+    e.add_argument("--eval-windows", type=_int_or_none, default=None)
+    e.add_argument("--output", default=None, help="write the results as JSON here")
+
+    w = sub.add_parser("sweep", help="grid of methods x sparsities (x models): resumable, CSV + markdown + plots")
+    w.add_argument("--model", action="append", default=None,
+                   help="model (repeat for several; default SmolLM2-135M-Instruct)")
+    w.add_argument("--methods", default="magnitude,wanda,sparsegpt,pruner-zero,d2prune",
+                   help="comma list; options as name:key=value (d2prune:frozen=k,variant=paper)")
+    w.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,2:4")
+    w.add_argument("--dtype", default="auto")
+    w.add_argument("--device", default=None)
+    add_data_flags(w)
+    add_zeroshot_flags(w, with_switch=True)
+    w.add_argument("--diagnose", type=int, default=0, help="attention KL / RMSE vs dense on N eval windows")
+    w.add_argument("--max-cells", type=int, default=None, help="stop after N new cells (resume later)")
+    w.add_argument("--out", required=True, help="sweep folder (results.csv, results.md, plots); reused to resume")
+
+    t = sub.add_parser("tasks", help="write the local lm-eval task configs (for lm-eval's own CLI --include_path)")
+    t.add_argument("--task-data", default=None, help="folder laid out like ../shared/data/zeroshot")
+    t.add_argument("--out", required=True, help="folder to write the YAML configs into")
 
     g = sub.add_parser("diagnose", help="attention KL / RMSE of a pruned model against the dense one, per block")
     g.add_argument("--dense", default=None, help="the dense model (default: SmolLM2-135M-Instruct)")
@@ -123,14 +163,56 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval)
-    record = run(args.model, config, data, args.out, args.overwrite, args.dtype)
+    zs = zeroshot_options(args) if args.zero_shot else None
+    record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:
         ev = record["evaluation"]
         ppl = "  ".join(f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
-        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}  prune {record['prune_seconds']:.1f}s"
-              + (f"  -> {args.out}" if args.out else ""))
+        zs_text = f"  zero-shot mean {record['zero_shot']['mean']:.4f}" if record.get("zero_shot") else ""
+        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}{zs_text}  "
+              f"prune {record['prune_seconds']:.1f}s" + (f"  -> {args.out}" if args.out else ""))
+    return 0
+
+
+def zeroshot_options(args: argparse.Namespace) -> dict:
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    return {"tasks": args.tasks, "limit": limit, "task_data": args.task_data, "batch_size": args.batch_size}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .pipeline import evaluate_model
+
+    res = evaluate_model(args.model, zeroshot_options(args), args.dtype, args.device, ppl=args.ppl,
+                         eval_file=args.eval_file, seqlen=args.seqlen, eval_windows=args.eval_windows)
+    text = json.dumps(res, indent=2, default=str)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    zs = res["zero_shot"]
+    for t, r in zs["tasks"].items():
+        print(f"{t:<14} {r['metric']:<8} {r['value']:.4f}")
+    print(f"{'mean':<14} {'':<8} {zs['mean']:.4f}   (limit {zs['limit']})")
+    if "ppl" in res:
+        print(f"wikitext2 ppl {res['ppl']['ppl']:.3f} ({res['ppl']['windows']}/{res['ppl']['total_windows']} windows)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .pipeline import DataConfig
+    from .sweep import SweepConfig, run_sweep, split_methods, split_sparsities
+
+    data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                      eval_file=args.eval_file, eval_windows=args.eval_windows, heldout_windows=args.heldout_windows)
+    cfg = SweepConfig(models=args.model or [None], methods=split_methods(args.methods),
+                      sparsities=split_sparsities(args.sparsities), data=data, out=args.out, device=args.device,
+                      zero_shot=zeroshot_options(args) if args.zero_shot else None, diagnose_windows=args.diagnose,
+                      max_cells=args.max_cells)
+    run_sweep(cfg)
+    print((Path(args.out) / "results.md").read_text() if (Path(args.out) / "results.md").is_file() else "")
     return 0
 
 
@@ -141,6 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return cmd_prune(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "tasks":
+            from .zeroshot import STANDARD_TASKS, TASK_FILES, check_task_data, write_task_configs
+
+            out = write_task_configs(check_task_data(args.task_data, list(TASK_FILES)), args.out)
+            print(f"wrote lm-eval task configs to {out}: use --include_path {out} --tasks "
+                  + ",".join(f"local_{t}" for t in STANDARD_TASKS))
+            return 0
         if args.command == "diagnose":
             from .pipeline import diagnose
 

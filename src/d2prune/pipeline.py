@@ -73,7 +73,7 @@ def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None) -
 
 
 def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str | None = None,
-        overwrite: bool = False, dtype: str = "auto") -> dict:
+        overwrite: bool = False, dtype: str = "auto", zero_shot: dict | None = None) -> dict:
     """Prune ``model_name`` with ``config`` and return the d2prune.json record
     (also written to ``out`` with the model, when given)."""
     t0 = time.perf_counter()
@@ -84,6 +84,11 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
     report: PruneReport = prune(model, config, calib, heldout)
     results = evaluate_ppl(model, tokenizer, data, seqlen, config.device) if data.evaluate else {}
+    zs = None
+    if zero_shot is not None:
+        from .zeroshot import evaluate_zero_shot
+
+        zs = evaluate_zero_shot(model, tokenizer, device=config.device, **zero_shot).to_dict()
     record = {
         "model": source.describe(),
         "config": to_dict(config),
@@ -94,6 +99,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         "method_summary": report.method,
         "layers": [to_dict(r) for r in report.layers],
         "evaluation": {k: asdict(v) for k, v in results.items()},
+        "zero_shot": zs,
     }
     record["total_seconds"] = time.perf_counter() - t0
     if out is not None:
@@ -108,6 +114,25 @@ def _cpu_dtype(dtype: str, device: str | None) -> str:
     if dtype in (None, "auto") and pick_device(device).type == "cpu":
         return "float32"
     return dtype
+
+
+def evaluate_model(model_name: str | None, zero_shot: dict, dtype: str = "auto", device: str | None = None,
+                   ppl: bool = False, eval_file: str | None = None, seqlen: int | None = None,
+                   eval_windows: int | None = None) -> dict:
+    """Zero-shot (and optionally WikiText-2 ppl) of a model / pruned folder."""
+    from .zeroshot import evaluate_zero_shot
+
+    model, tokenizer, source = load_model(model_name, dtype=_cpu_dtype(dtype, device))
+    dev = str(pick_device(device))
+    if next(model.parameters()).device.type != pick_device(device).type:
+        model.to(dev)
+    out = {"model": source.describe(), "versions": library_versions(),
+           "zero_shot": evaluate_zero_shot(model, tokenizer, device=dev, **zero_shot).to_dict()}
+    if ppl:
+        data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
+        res = evaluate_ppl(model, tokenizer, data, seqlen or default_seqlen(model), device)
+        out["ppl"] = asdict(res["wikitext2"])
+    return out
 
 
 def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = None, seqlen: int | None = None,
