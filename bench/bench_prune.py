@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from d2prune import PruneConfig, load_model, prune, read_texts, sample_calibration
-from d2prune.data import calibration_texts
+from d2prune import PruneConfig, load_model, prune, sample_calibration
+from d2prune.config import method_label, parse_method_spec
+from d2prune.data import calibration_texts, heldout_windows
 from d2prune.engine import propagate, run_block, sequential
 from d2prune.modeling import pick_device
 
@@ -34,7 +35,15 @@ DEFAULT_C4 = ROOT.parent / "shared" / "data" / "c4" / "c4-train.00000-of-01024.f
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS. VmHWM (Linux) rather than ru_maxrss, which
+    survives exec and so reports the parent's peak in a child process."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def cuda_peak_mib(device) -> float | None:
@@ -75,22 +84,30 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeat", type=int, default=1, help="repeat each timing, report the minimum")
     ap.add_argument("--markdown", default=None, help="append a results table to this file")
+    ap.add_argument("--json", default=None, help="write the figures as JSON here")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
+    ap.add_argument("--heldout-windows", type=int, default=8, help="held-out windows for d2prune:frozen=auto")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
     model, tok, src = load_model(args.model, dtype="float32" if device.type == "cpu" else "auto")
-    calib = sample_calibration(tok, calibration_texts(args.calib_file), args.nsamples, args.seqlen, seed=0)
+    docs, used = calibration_texts(args.calib_file), set()
+    calib = sample_calibration(tok, docs, args.nsamples, args.seqlen, seed=0, used=used)
+    held = heldout_windows(tok, docs, used, args.heldout_windows, args.seqlen)
     rss_loaded = peak_rss_mib()
-    floor = min(floor_seconds(model, calib, device) for _ in range(args.repeat))
+    floor = float("nan") if args.no_floor else min(floor_seconds(model, calib, device) for _ in range(args.repeat))
     rows = []
-    for name in args.methods.split(","):
+    from d2prune.sweep import split_methods
+
+    for mcfg in split_methods(args.methods):
+        name = method_label(mcfg)
         best = None
         for _ in range(args.repeat):
             m = copy.deepcopy(model)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
-            rep = prune(m, PruneConfig(method=name, sparsity=args.sparsity, device=str(device)), calib)
+            rep = prune(m, PruneConfig(method=mcfg, sparsity=args.sparsity, device=str(device)), calib, held)
             sync(device)
             if best is None or rep.seconds < best[0]:
                 best = (rep.seconds, rep.calib_forward_seconds, rep.sparsity, cuda_peak_mib(device))
@@ -109,6 +126,15 @@ def main(argv=None) -> int:
                      f"{'-' if cuda_mib is None else f'{cuda_mib:.0f}'} |")
     text = "\n".join(lines)
     print(text)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"command": cmd, "model": src.describe(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+                       "device": str(device), "threads": torch.get_num_threads(), "floor_seconds": floor,
+                       "rss_after_load_mib": rss_loaded,
+                       "methods": [{"method": n, "prune_seconds": s, "calib_pass_seconds": c, "sparsity": sp,
+                                    "cuda_peak_mib": cm, "peak_rss_mib": r} for n, s, c, sp, cm, r in rows]}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(text + "\n\n")

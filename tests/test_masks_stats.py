@@ -43,6 +43,23 @@ def test_nm_mask_rejects_width_not_multiple_of_m():
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_equals_stable_sort(ratio, ties):
+    """Our O(n) selection picks exactly what the references' stable sort picks."""
+    s = _scores(rows=32, cols=96, ties=ties, seed=4)
+    k = int(96 * ratio)
+    ref = torch.zeros_like(s, dtype=torch.bool)
+    if k:
+        ref.scatter_(1, torch.sort(s, dim=-1, stable=True)[1][:, :k], True)
+    assert torch.equal(lowest_per_row(s, ratio), ref)
+    flat_ref = torch.zeros(s.numel(), dtype=torch.bool)
+    kk = int(s.numel() * ratio)
+    if kk:
+        flat_ref[torch.sort(s.flatten(), stable=True)[1][:kk]] = True
+    assert torch.equal(lowest_in_matrix(s, ratio), flat_ref.view_as(s))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7, 0.9])
 def test_unstructured_rules_exact_counts(ratio):
     s = _scores(cols=64, ties=True)
     per_row = lowest_per_row(s, ratio)

@@ -82,3 +82,20 @@ def test_saved_model_reloads_with_same_perplexity(stories, stories_calib, tmp_pa
     assert after.ppl == before.ppl and after.windows == 8
     for k, v in _weights(reloaded).items():
         assert torch.equal(v, _weights(model)[k])
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "d2prune:frozen=k", "wanda"])
+def test_shared_input_statistics_equal_per_linear(stories, stories_calib, method):
+    """One Hessian / Cholesky per distinct input (q/k/v, gate/up share) gives the
+    same masks and weights as one per Linear (the references' way)."""
+    from d2prune.config import parse_method_spec
+
+    out = {}
+    for share in (True, False):
+        model = copy.deepcopy(stories[0])
+        prune(model, PruneConfig(method=parse_method_spec(method), sparsity=0.5, device="cpu", share_inputs=share),
+              stories_calib)
+        out[share] = _weights(model)
+    for k in out[True]:
+        assert torch.equal(out[True][k] == 0, out[False][k] == 0), k
+        torch.testing.assert_close(out[True][k], out[False][k], atol=1e-6, rtol=0)

@@ -7,7 +7,8 @@
 """
 
 
-from .config import MagnitudeConfig, MethodConfig, PruneConfig, SparseGPTConfig, Sparsity, WandaConfig
+from .config import (D2PruneConfig, MagnitudeConfig, MethodConfig, PruneConfig, PrunerZeroConfig, SparseGPTConfig,
+                     Sparsity, WandaConfig, parse_method_spec)
 from .data import eval_text, eval_windows, read_texts, sample_calibration
 from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
@@ -19,7 +20,7 @@ from .save import save_pruned
 __version__ = "0.1.0"
 
 __all__ = [
-    "D2PruneError", "LayerReport", "MagnitudeConfig", "MethodConfig", "PerplexityResult", "PruneConfig",
+    "D2PruneConfig", "D2PruneError", "LayerReport", "PrunerZeroConfig", "parse_method_spec", "MagnitudeConfig", "MethodConfig", "PerplexityResult", "PruneConfig",
     "PruneReport", "SparseGPTConfig", "Sparsity", "WandaConfig", "eval_text", "eval_windows", "find_blocks",
     "find_prunable", "load_model", "perplexity", "prune", "read_texts", "sample_calibration", "save_pruned",
 ]

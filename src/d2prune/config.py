@@ -261,6 +261,7 @@ class PruneConfig:
     sparsity: Sparsity | str | float = 0.5
     device: str | None = None
     layer_error: bool = True  # compute ||WX - W'X||^2 / ||WX||^2 per layer (needs X^T X)
+    share_inputs: bool = True  # one Hessian / Cholesky per distinct input (q/k/v, gate/up), not per Linear
 
     def __post_init__(self) -> None:
         method = self.method

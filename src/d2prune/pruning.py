@@ -101,8 +101,8 @@ class BlockObserver:
     """
 
     def __init__(self, layers: dict[str, nn.Module], prunes: dict[str, list[LayerPruner]], device: torch.device,
-                 extra_stats: tuple[str, ...]):
-        self.layers, self.prunes, self.device, self.extra = layers, prunes, device, extra_stats
+                 extra_stats: tuple[str, ...], share: bool = True):
+        self.layers, self.prunes, self.device, self.extra, self.share = layers, prunes, device, extra_stats, share
         self.seen: dict[str, list[Tensor]] = {}
         self.stats: dict[str, InputStats] = {}
         self.leaders: list[str] = []
@@ -136,7 +136,7 @@ class BlockObserver:
         by_key: dict = {}
         for name in self.layers:
             xs = self.seen.get(name)
-            key = self._key(xs[0]) if xs else ("unseen", name)
+            key = self._key(xs[0]) if xs and self.share else ("own", name)
             by_key.setdefault(key, []).append(name)
         for names in by_key.values():
             kinds = set(self.extra)
@@ -153,9 +153,10 @@ class BlockObserver:
 
 @torch.no_grad()
 def calibrate(block: nn.Module, i: int, hidden: Tensor, inputs: BlockInputs, layers: dict[str, nn.Module],
-              prunes: dict[str, list[LayerPruner]], extra: tuple[str, ...], nsamples: int | None = None) -> BlockObserver:
+              prunes: dict[str, list[LayerPruner]], extra: tuple[str, ...], nsamples: int | None = None,
+              share: bool = True) -> BlockObserver:
     """Dense calibration pass of block ``i`` over ``hidden[:nsamples]``."""
-    obs = BlockObserver(layers, prunes, hidden.device, extra)
+    obs = BlockObserver(layers, prunes, hidden.device, extra, share)
     with forward_hooks(obs.hooks()):
         for j in range(hidden.shape[0] if nsamples is None else nsamples):
             run_block(block, hidden[j:j + 1], inputs.calls[i][j], inputs)
@@ -218,7 +219,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     extra = ("hessian",) if config.layer_error else ()
     driver = method.driver()
     if driver is not None and sparsity.ratio > 0:  # a search over the engine (e.g. D2Prune auto / per-layer)
-        driver(model, method, blocks, calibration, heldout, device, extra, report)
+        driver(model, method, blocks, calibration, heldout, device, config, report)
         report.seconds = time.perf_counter() - t_start
         return report
     timers = {"calib": 0.0}
@@ -233,7 +234,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
         method.begin_block(i, block, layers)
         prunes = {n: method.layer(qual[n], m, i) for n, m in layers.items()}
         t0 = time.perf_counter()
-        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [p] for n, p in prunes.items()}, extra)
+        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [p] for n, p in prunes.items()}, extra,
+                        share=config.share_inputs)
         timers["calib"] += time.perf_counter() - t0
         report.layers.extend(prune_layers(layers, prunes, obs.stats, qual))
         del obs

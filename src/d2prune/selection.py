@@ -44,8 +44,13 @@ def _restore(layers: dict[str, nn.Module], weights: dict[str, Tensor]) -> None:
         set_weight_matrix(m, weights[n])
 
 
-def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | None, device, extra, report) -> None:
+def _engine_options(config) -> tuple[tuple[str, ...], bool]:
+    return (("hessian",) if config.layer_error else ()), config.share_inputs
+
+
+def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | None, device, config, report) -> None:
     """Prune under each candidate in lock-step; keep the lowest held-out ppl."""
+    extra, share = _engine_options(config)
     if heldout is None or heldout.numel() == 0:
         raise D2PruneError("--frozen auto scores candidates on held-out text: give held-out windows "
                            "(the CLI takes them from calibration documents not used as samples)")
@@ -72,7 +77,7 @@ def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | Non
         if i == 0:  # identical inputs for every candidate: one calibration pass, shared statistics
             t0 = time.perf_counter()
             shared_obs = calibrate(block, i, inputs.hidden, inputs, layers,
-                                   {n: [prunes[c][n] for c in CANDIDATES] for n in layers}, extra, n_cal)
+                                   {n: [prunes[c][n] for c in CANDIDATES] for n in layers}, extra, n_cal, share)
             shared["seconds"] += time.perf_counter() - t0
         for k, c in enumerate(CANDIDATES):
             t0 = time.perf_counter()
@@ -83,7 +88,7 @@ def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | Non
                 dst = inputs.hidden if last else torch.empty_like(inputs.hidden)  # the last one reuses the capture buffer
             else:
                 src = dst = hidden[c]
-                obs = calibrate(block, i, src, inputs, layers, {n: [prunes[c][n]] for n in layers}, extra, n_cal)
+                obs = calibrate(block, i, src, inputs, layers, {n: [prunes[c][n]] for n in layers}, extra, n_cal, share)
             rows[c].extend(prune_layers(layers, prunes[c], obs.stats, qual))
             weights[c][i] = {n: weight_matrix(m).detach().to("cpu", copy=True) for n, m in layers.items()}
             for j in range(src.shape[0]):  # calibration AND held-out windows
@@ -120,8 +125,9 @@ def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | Non
              {k: round(v, 3) for k, v in scores.items()}, best, report.method["cost_vs_one_prune"] or 0)
 
 
-def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device, extra, report) -> None:
+def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device, config, report) -> None:
     """Eq 12 block by block: min over q/k/v of block error + rho * attention KL."""
+    extra, share = _engine_options(config)
     rho = method.config.rho
     methods = {c: method.with_frozen(c) for c in CANDIDATES}
     choices: dict[str, dict] = {}
@@ -136,7 +142,8 @@ def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device,
         for c in CANDIDATES:
             methods[c].begin_block(i, block, layers)
             prunes[c] = {n: methods[c].layer(qual[n], m, i) for n, m in layers.items()}
-        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [prunes[c][n] for c in CANDIDATES] for n in layers}, extra)
+        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [prunes[c][n] for c in CANDIDATES] for n in layers},
+                        extra, share=share)
         cands, cand_rows = {}, {}
         for c in CANDIDATES:
             cb = copy.deepcopy(dense_block)

@@ -66,7 +66,7 @@ class Method:
     def driver(self):
         """A search that drives the engine itself (D²Prune ``auto`` /
         ``per-layer``), or None for the plain block loop. Signature:
-        ``driver(model, method, blocks, calibration, heldout, device, extra, report)``."""
+        ``driver(model, method, blocks, calibration, heldout, device, config, report)``."""
         return None
 
     def summary(self) -> dict:

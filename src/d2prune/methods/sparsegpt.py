@@ -81,37 +81,43 @@ def obs_prune(W: Tensor, U: Tensor, dead: Tensor, sparsity: Sparsity, blocksize:
     W[:, dead] = 0
     mask = torch.zeros_like(W, dtype=torch.bool)
     n, m = sparsity.n, sparsity.m
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # The block is held transposed ([count, rows], contiguous) so that the
+        # per-column work below touches contiguous rows; values and float
+        # operations are those of the reference, only the memory layout differs.
+        W1T = W[:, i1:i2].t().contiguous()
+        Err1T = torch.zeros_like(W1T)
+        buf = torch.empty_like(W1T)
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
         if sparsity.is_nm:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            mask1T = torch.zeros_like(W1T, dtype=torch.bool)
         else:
             # Adaptive mask: chosen once per block from the block's current
             # (already error-compensated) weights.
-            mask1 = at_or_below_kth(score_fn(W1, d1, i1, i2), sparsity.ratio)
+            mask1T = at_or_below_kth(score_fn(W1T.t(), d1, i1, i2), sparsity.ratio).t()
         for i in range(count):
-            w = W1[:, i]
-            d = U1[i, i]
             if sparsity.is_nm and i % m == 0:
-                s = score_fn(W1[:, i:i + m], d1[i:i + m], i1 + i, i1 + i + m)
-                mask1.scatter_(1, i + torch.topk(s, n, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            # OBS update of the not-yet-processed columns of this block.
-            W1[:, i:] -= err1.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
-        # Lazy batch update of all later blocks (SparseGPT §3.3).
-        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+                s = score_fn(W1T[i:i + m].t(), d1[i:i + m], i1 + i, i1 + i + m)
+                mask1T.t().scatter_(1, i + torch.topk(s, n, dim=1, largest=False)[1], True)
+            # err = (w - q) / d with q = w pruned: w where pruned, +0 elsewhere (bit-identical to
+            # the reference's subtraction), written straight into Err1's column.
+            err1 = Err1T[i]
+            torch.where(mask1T[i], W1T[i], zero, out=err1)
+            err1.div_(U1[i, i])
+            # OBS update of the not-yet-processed columns: W1[:, i:] -= err1 (x) U1[i, i:]
+            # (product then subtraction, two roundings, exactly as the reference's matmul)
+            upd = buf[: count - i]
+            torch.outer(U1[i, i:], err1, out=upd)
+            W1T[i:].sub_(upd)
+        # q: every processed column keeps w where not pruned (its own update subtracted +0)
+        W[:, i1:i2] = W1T.masked_fill(mask1T, 0).t()
+        mask[:, i1:i2] = mask1T.t()
+        # Lazy batch update of all later blocks (SparseGPT §3.3); Err1 contiguous as in the reference.
+        W[:, i2:] -= Err1T.t().contiguous().matmul(U[i1:i2, i2:])
     return W, mask
 
 
