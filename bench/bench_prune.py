@@ -119,6 +119,8 @@ def main(argv=None) -> int:
             f"device {device} ({torch.get_num_threads()} threads, {cpu}) | torch {torch.__version__}")
     lines = [f"`{cmd}`", "", head, "",
              f"floor (capture + 2 block forwards per block): {floor:.2f} s; peak RSS after loading: {rss_loaded:.0f} MiB", "",
+             "peak RSS: the process's high-water mark after that method (run one method per process for per-method figures); "
+             "dense calib pass: the calibration forwards with their statistics hooks", "",
              "| method | prune s | x floor | dense calib pass s | sparsity | peak RSS MiB | CUDA peak MiB |",
              "|---|---|---|---|---|---|---|"]
     for name, secs, calib_s, sp, cuda_mib, rss in rows:

@@ -132,3 +132,32 @@ def test_singular_hessian_retries_with_more_damping(caplog):
         U, dead = inverse_hessian_factor(H, 0.01, "toy")
     assert torch.isfinite(U).all() and dead.tolist() == [False, False, False, True]
     assert any("retrying" in r.message for r in caplog.records)
+
+
+def test_full_disk_reported_by_safetensors(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk with its own exception type, not OSError."""
+    import transformers
+    from safetensors import SafetensorError
+
+    def no_space(self, *a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", no_space)
+    _assert_clean_failure(*_run(tmp_path, capsys), "no space left on device")
+
+
+def test_overwrite_failure_keeps_previous_output(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+
+    def broken(self, *a, **k):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", broken)
+    rc, err, _ = _run(tmp_path, capsys, "--overwrite")
+    assert rc == 2 and len(err.splitlines()) == 1 and "could not write" in err
+    assert (out / "keep.txt").read_text() == "x"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -83,3 +83,16 @@ def test_no_decoder_blocks_is_a_clear_error():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     with pytest.raises(D2PruneError, match="no repeated decoder blocks"):
         find_blocks(net)
+
+
+@needs_shared
+def test_block_by_block_perplexity_equals_full_model(stories):
+    """Evaluation through the engine (for models that do not fit the device
+    whole) gives the full model's perplexity."""
+    from conftest import WIKI
+    from d2prune import eval_text, eval_windows, perplexity
+
+    windows = eval_windows(stories[1], eval_text("wikitext2", WIKI), 128)
+    full = perplexity(stories[0], windows, max_windows=6, device="cpu", sequential=False)
+    seq = perplexity(stories[0], windows, max_windows=6, device="cpu", sequential=True)
+    assert abs(full.ppl - seq.ppl) < 1e-6 * full.ppl and seq.windows == 6

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--methods", default="magnitude,wanda,sparsegpt,pruner-zero,d2prune",
                    help="comma list; options as name:key=value (d2prune:frozen=k,variant=paper)")
     w.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,2:4")
-    w.add_argument("--dtype", default="auto")
+    w.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     w.add_argument("--device", default=None)
     add_data_flags(w)
     add_zeroshot_flags(w, with_switch=True)
@@ -158,7 +158,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         mcfg = method_config(args.method, **opts)
     except D2PruneError as e:
-        raise D2PruneError(f"{e} (flag not used by --method {args.method})") from None
+        if "takes no option" in str(e):
+            raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
+        raise
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
@@ -205,12 +207,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .pipeline import DataConfig
     from .sweep import SweepConfig, run_sweep, split_methods, split_sparsities
 
+    if args.c4_eval_file or args.no_eval:
+        raise D2PruneError("sweep always evaluates WikiText-2 perplexity and takes no --c4-eval-file / --no-eval")
+
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, eval_windows=args.eval_windows, heldout_windows=args.heldout_windows)
     cfg = SweepConfig(models=args.model or [None], methods=split_methods(args.methods),
                       sparsities=split_sparsities(args.sparsities), data=data, out=args.out, device=args.device,
                       zero_shot=zeroshot_options(args) if args.zero_shot else None, diagnose_windows=args.diagnose,
-                      max_cells=args.max_cells)
+                      max_cells=args.max_cells, dtype=args.dtype)
     run_sweep(cfg)
     print((Path(args.out) / "results.md").read_text() if (Path(args.out) / "results.md").is_file() else "")
     return 0
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diagnose":
             from .pipeline import diagnose
 
-            diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot, args.json)
+            print(diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot,
+                           args.json)["table"])
             return 0
         if args.command == "demo":
             from .demo import main as demo_main

@@ -17,8 +17,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -106,17 +106,21 @@ def eval_text(dataset: str = "wikitext2", path: str | Path | None = None) -> str
     return "\n\n".join(rows)
 
 
+def find_shared_data() -> Path | None:
+    """``$D2PRUNE_DATA``, else a ``shared/data`` folder beside the checkout or
+    the working directory (the layout of this project's machines)."""
+    env = os.environ.get("D2PRUNE_DATA")
+    if env:
+        return Path(env)
+    for start in (Path.cwd(), Path(__file__).resolve()):
+        for parent in [start, *start.parents]:
+            cand = parent.parent / "shared" / "data"
+            if (cand / "c4").is_dir() and (cand / "wikitext-2-raw").is_dir():
+                return cand
+    return None
+
+
 # --------------------------------------------------------------------------- calibration
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """How calibration samples were drawn (recorded in d2prune.json)."""
-
-    source: str
-    nsamples: int
-    seqlen: int
-    seed: int
-
-
 def sample_calibration(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int = 0,
                        used: set[int] | None = None) -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids by the reference C4 protocol.
@@ -163,6 +167,8 @@ def sample_calibration(tokenizer, docs: Sequence[str], nsamples: int, seqlen: in
 def heldout_windows(tokenizer, docs: Sequence[str], used: set[int] | None, nwindows: int, seqlen: int) -> torch.Tensor:
     """Windows of ``seqlen`` tokens from documents NOT in ``used`` (for selection
     objectives that must not see the evaluation set), taken in file order."""
+    if not (isinstance(nwindows, int) and nwindows >= 1):
+        raise D2PruneError(f"--heldout-windows {nwindows!r} must be an integer >= 1")
     out = []
     for i, doc in enumerate(docs):
         if used and i in used:

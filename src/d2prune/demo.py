@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
 from .config import PruneConfig, parse_method_spec
-from .data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
+from .data import calibration_texts, eval_text, eval_windows, find_shared_data, heldout_windows, sample_calibration
 from .evaluate import perplexity
 from .modeling import load_model
 from .pruning import prune
@@ -26,21 +25,6 @@ log = logging.getLogger(__name__)
 DEMO_METHODS = ("magnitude", "wanda", "sparsegpt", "d2prune:frozen=k", "d2prune:frozen=auto")
 C4_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
 WIKI_FILE = "wikitext-2-raw/test.jsonl"
-
-
-def find_shared_data() -> Path | None:
-    """``$D2PRUNE_DATA``, else a ``shared/data`` folder beside the checkout or
-    the working directory (the layout of this project's machines)."""
-    env = os.environ.get("D2PRUNE_DATA")
-    if env:
-        return Path(env)
-    starts = [Path.cwd(), Path(__file__).resolve()]
-    for start in starts:
-        for parent in [start, *start.parents]:
-            cand = parent.parent / "shared" / "data"
-            if (cand / C4_FILE).is_file():
-                return cand
-    return None
 
 
 def format_table(rows: list[dict]) -> str:

@@ -249,12 +249,15 @@ def propagate(block: nn.Module, i: int, inputs: BlockInputs) -> None:
 
 
 @torch.no_grad()
-def head_logits(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: torch.device,
-                inputs: BlockInputs | None = None, blocks: Blocks | None = None) -> Iterator[Tensor]:
+def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: torch.device,
+             consume: Callable[[int, Tensor], None], inputs: BlockInputs | None = None,
+             blocks: Blocks | None = None) -> None:
     """The model's own head on given final hidden states: run the model with
     identity stubs, replacing block 0's input by ``final_hidden[j]``, so the
-    model applies its final norm / projection / lm_head itself. Yields
-    ``[1, L, vocab]`` logits per sample."""
+    model applies its final norm / projection / lm_head itself. Calls
+    ``consume(j, logits)`` with ``[1, L, vocab]`` logits per sample (one at a
+    time: the vocabulary-sized logits of all samples are never held), and the
+    blocks are back in place when it returns, whatever happens."""
     blocks = blocks or find_blocks(model)
     state = {"j": 0}
     is_tuple = bool(inputs and inputs.output_is_tuple)
@@ -269,13 +272,17 @@ def head_logits(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, devic
     with _stubbed(model, blocks, handler, device):
         for j in range(input_ids.shape[0]):
             state["j"] = j
-            yield model(input_ids[j:j + 1].to(device), use_cache=False).logits
+            consume(j, model(input_ids[j:j + 1].to(device), use_cache=False).logits)
 
 
 @torch.no_grad()
-def sequential_logits(model: nn.Module, input_ids: Tensor, device: torch.device) -> Iterator[Tensor]:
+def sequential_logits(model: nn.Module, input_ids: Tensor, device: torch.device,
+                      consume: Callable[[int, Tensor], None] | None = None) -> list[Tensor] | None:
     """The model's logits computed block by block through the engine (no
-    pruning): equals ``model(input_ids).logits`` up to float rounding."""
+    pruning): equal to ``model(input_ids).logits`` up to float rounding.
+    Without ``consume`` the logits are returned as a list (small inputs only)."""
     blocks = find_blocks(model)
     inputs = sequential(model, input_ids, device, lambda i, block, inp: propagate(block, i, inp), desc="forward", blocks=blocks)
-    yield from head_logits(model, input_ids, inputs.hidden, device, inputs, blocks)
+    out: list[Tensor] = []
+    run_head(model, input_ids, inputs.hidden, device, consume or (lambda j, lg: out.append(lg)), inputs, blocks)
+    return None if consume else out

@@ -64,8 +64,7 @@ def perplexity(model: nn.Module, windows: Tensor, dataset: str = "wikitext2", ma
     model.eval()
     nlls = []
     if sequential:
-        for j, logits in enumerate(sequential_logits(model, use, dev)):
-            nlls.append(window_nll(logits, use[j:j + 1]))
+        sequential_logits(model, use, dev, lambda j, logits: nlls.append(window_nll(logits, use[j:j + 1])))
     else:
         for j in tqdm(range(use.shape[0]), desc=f"ppl {dataset}", leave=False, disable=None):
             ids = use[j:j + 1].to(param.device)

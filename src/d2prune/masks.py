@@ -22,7 +22,7 @@ def first_k_stable(score: Tensor, k: int) -> Tensor:
     """Mask of the ``k`` lowest entries of each row, ties taken left to right:
     exactly the first ``k`` of a stable sort (what Wanda's reference prunes),
     found by selection (``kthvalue``, O(n)) instead of sorting."""
-    rows, cols = score.shape
+    cols = score.shape[1]
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= cols:

@@ -21,6 +21,8 @@ from .save import check_output_dir, library_versions, save_pruned
 
 log = logging.getLogger(__name__)
 
+C4_EVAL_WINDOWS = 256
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -45,6 +47,8 @@ class DataConfig:
             raise D2PruneError(f"--seqlen {self.seqlen!r} must be an integer > 1")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise D2PruneError(f"--eval-windows {self.eval_windows} must be >= 1")
+        if not (isinstance(self.heldout_windows, int) and self.heldout_windows >= 1):
+            raise D2PruneError(f"--heldout-windows {self.heldout_windows!r} must be an integer >= 1")
 
 
 def calibration_for(tokenizer, data: DataConfig, seqlen: int, with_heldout: bool = False):
@@ -67,6 +71,8 @@ def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None) -
     sets = [("wikitext2", data.eval_file)] + ([("c4", data.c4_eval_file)] if data.c4_eval_file else [])
     for name, path in sets:
         windows = eval_windows(tokenizer, eval_text(name, path), seqlen)
+        if name == "c4":  # SparseGPT protocol: the first 256 windows of the joined validation text
+            windows = windows[:C4_EVAL_WINDOWS]
         out[name] = perplexity(model, windows, name, data.eval_windows, device)
         log.info("%s", out[name])
     return out
@@ -79,7 +85,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     t0 = time.perf_counter()
     if out is not None:
         check_output_dir(out, overwrite)  # refuse before spending time
-    model, tokenizer, source = load_model(model_name, dtype=_cpu_dtype(dtype, config.device))
+    model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, config.device))
     seqlen = data.seqlen or default_seqlen(model)
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
     report: PruneReport = prune(model, config, calib, heldout)
@@ -108,9 +114,9 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     return record
 
 
-def _cpu_dtype(dtype: str, device: str | None) -> str:
-    """Half precision on a CPU is slow and poorly supported: default to fp32
-    there (the statistics are fp32 either way)."""
+def resolve_dtype(dtype: str, device: str | None) -> str:
+    """``auto`` = the checkpoint's dtype, except on a CPU where half precision
+    is slow and poorly supported: fp32 there (statistics are fp32 either way)."""
     if dtype in (None, "auto") and pick_device(device).type == "cpu":
         return "float32"
     return dtype
@@ -122,12 +128,9 @@ def evaluate_model(model_name: str | None, zero_shot: dict, dtype: str = "auto",
     """Zero-shot (and optionally WikiText-2 ppl) of a model / pruned folder."""
     from .zeroshot import evaluate_zero_shot
 
-    model, tokenizer, source = load_model(model_name, dtype=_cpu_dtype(dtype, device))
-    dev = str(pick_device(device))
-    if next(model.parameters()).device.type != pick_device(device).type:
-        model.to(dev)
+    model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, device))
     out = {"model": source.describe(), "versions": library_versions(),
-           "zero_shot": evaluate_zero_shot(model, tokenizer, device=dev, **zero_shot).to_dict()}
+           "zero_shot": evaluate_zero_shot(model, tokenizer, device=device, **zero_shot).to_dict()}
     if ppl:
         data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
         res = evaluate_ppl(model, tokenizer, data, seqlen or default_seqlen(model), device)
@@ -146,18 +149,17 @@ def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = No
     from .diagnostics import attention_diff, format_table, plot, summarize
 
     dev = pick_device(device)
-    dense, tok, src = load_model(dense_name, dtype=_cpu_dtype("auto", device))
-    pruned, _, psrc = load_model(pruned_dir, dtype=_cpu_dtype("auto", device))
+    dense, tok, src = load_model(dense_name, dtype=resolve_dtype("auto", device))
+    pruned, _, psrc = load_model(pruned_dir, dtype=resolve_dtype("auto", device))
     seqlen = seqlen or default_seqlen(dense)
     ids = eval_windows(tok, eval_text("wikitext2", text_file), seqlen)[:windows]
     rows = attention_diff(dense, pruned, ids, dev)
     result = {"dense": src.describe(), "pruned": psrc.describe(), "windows": int(ids.shape[0]), "seqlen": seqlen,
-              **summarize(rows)}
-    print(format_table(rows))
+              **summarize(rows), "table": format_table(rows)}
     folder = Path(pruned_dir)
     plot_path = plot_path or (str(folder / "attention.png") if folder.is_dir() else "attention.png")
     json_path = json_path or (str(folder / "attention.json") if folder.is_dir() else "attention.json")
     plot(rows, plot_path, f"{psrc.describe()} vs dense")
-    Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    Path(json_path).write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2) + "\n")
     log.info("wrote %s and %s", plot_path, json_path)
     return result

@@ -93,26 +93,33 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 class BlockObserver:
     """Forward hooks for one block's dense calibration pass.
 
-    Hooks only keep each Linear's input (and feed output observers: every
-    pruner listed for that Linear, e.g. one per search candidate); after each
-    sample :meth:`end_sample` updates one InputStats per *distinct* input
-    tensor. Groups are found on the first sample from tensor identity, when
-    every member has declared which statistics it needs.
+    Linears reading the same tensor share one :class:`InputStats`. The groups
+    are found on the first sample from tensor identity (its inputs are kept as
+    copies until every member has declared which statistics it needs); from
+    the second sample on, each group's statistics are updated inside the hook
+    of its first member, as the references do. Output observers (every pruner
+    listed for a Linear, e.g. one per search candidate) are fed in the hook.
     """
 
     def __init__(self, layers: dict[str, nn.Module], prunes: dict[str, list[LayerPruner]], device: torch.device,
                  extra_stats: tuple[str, ...], share: bool = True):
         self.layers, self.prunes, self.device, self.extra, self.share = layers, prunes, device, extra_stats, share
-        self.seen: dict[str, list[Tensor]] = {}
+        self.first: dict[str, list[tuple[tuple, Tensor, Tensor]]] = {}  # sample 0: (key, input, copy) per call
         self.stats: dict[str, InputStats] = {}
-        self.leaders: list[str] = []
+        self.leaders: set[str] = set()
 
     def hooks(self):
         def make(name: str):
             watchers = [p for p in self.prunes[name] if p.wants_output]
 
             def hook(module, inp, out):
-                self.seen.setdefault(name, []).append(inp[0].detach())
+                x = inp[0].detach()
+                if not self.stats:
+                    # keep x itself alive too: a freed input's address could be reused by a later
+                    # Linear's input within this forward, and identity keys would then collide
+                    self.first.setdefault(name, []).append((self._key(x), x, x.clone()))
+                elif name in self.leaders:
+                    self.stats[name].update(x)
                 if watchers:
                     y = (out[0] if isinstance(out, tuple) else out).detach()
                     for p in watchers:
@@ -125,18 +132,19 @@ class BlockObserver:
         return (x.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
 
     def end_sample(self) -> None:
-        if not self.stats:
-            self._group()
+        if self.stats:
+            return
+        self._group()
         for leader in self.leaders:
-            for x in self.seen.get(leader, []):
+            for _, _, x in self.first.get(leader, []):
                 self.stats[leader].update(x)
-        self.seen.clear()
+        self.first.clear()
 
     def _group(self) -> None:
         by_key: dict = {}
         for name in self.layers:
-            xs = self.seen.get(name)
-            key = self._key(xs[0]) if xs and self.share else ("own", name)
+            calls = self.first.get(name)
+            key = calls[0][0] if calls and self.share else ("own", name)
             by_key.setdefault(key, []).append(name)
         for names in by_key.values():
             kinds = set(self.extra)
@@ -144,7 +152,7 @@ class BlockObserver:
                 for p in self.prunes[n]:
                     kinds.update(p.input_stats)
             st = InputStats(in_features(self.layers[names[0]]), self.device, kinds)
-            self.leaders.append(names[0])
+            self.leaders.add(names[0])
             for n in names:
                 self.stats[n] = st
         if len(by_key) < len(self.layers):
@@ -172,10 +180,8 @@ def prune_layers(layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], s
     for n, layer in layers.items():
         t1 = time.perf_counter()
         st = stats[n]
-        for k, acc in st.acc.items():
-            for v in vars(acc).values():
-                if isinstance(v, Tensor):
-                    check_finite(v, f"the calibration statistics ({k}) of {qual[n]}")
+        for t in st.tensors():
+            check_finite(t, f"the calibration statistics of {qual[n]}")
         W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
         W_new, _ = prunes[n].prune(W.clone(), st)
         set_weight_matrix(layer, W_new)

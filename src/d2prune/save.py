@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import platform
 import shutil
@@ -48,8 +49,48 @@ def library_versions() -> dict:
     return out
 
 
+def _json_safe(obj):
+    """Strict JSON: non-finite floats (an infinite perplexity) become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, record: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(_json_safe(record), f, indent=2, default=str, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _no_space(e: BaseException) -> bool:
+    # safetensors reports a full disk as SafetensorError("... I/O error: No space left on device (os error 28)")
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
+        t in str(e) for t in ("No space left", "os error 28", "File too large", "os error 27"))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrite: bool = False) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer + ``d2prune.json``, atomically."""
+    """``save_pretrained`` (safetensors) + tokenizer + ``d2prune.json``, atomically:
+    everything goes to a temporary folder that is renamed into place last; an
+    overwritten folder is only removed once the new one is in place."""
     target = check_output_dir(out, overwrite)
     parent = target.absolute().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
@@ -57,29 +98,27 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrit
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        with open(tmp / RECORD_NAME, "w") as f:
-            json.dump(record, f, indent=2, default=str)
-            f.write("\n")
-        if target.exists():  # overwrite: swap, then drop the old folder
+        write_json(tmp / RECORD_NAME, record)
+        _fsync_dir(tmp)
+        if target.exists():  # overwrite: move the old folder aside, put the new one in, then drop the old
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
             os.rename(target, old / "x")
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old / "x", target)  # put the user's previous output back
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-    except OSError as e:
+        _fsync_dir(parent)
+    except Exception as e:  # OSError, safetensors' SafetensorError, ... -> one line, nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if _no_space(e):
             raise D2PruneError(f"no space left on device while writing {target}: free some space or choose another --out") from e
-        raise D2PruneError(f"could not write {target}: {e.strerror or e}") from e
+        raise D2PruneError(f"could not write {target}: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def load_record(folder: str | os.PathLike) -> dict:
-    p = Path(folder) / RECORD_NAME
-    if not p.is_file():
-        raise D2PruneError(f"{folder} has no {RECORD_NAME}: is it a d2prune output folder?")
-    return json.loads(p.read_text())

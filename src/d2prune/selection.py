@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import find_attention, kl_rows, run_with_attention
-from .engine import BlockInputs, check_finite, head_logits, propagate, run_block, sequential
+from .engine import BlockInputs, check_finite, propagate, run_block, run_head, sequential
 from .errors import D2PruneError
 from .evaluate import window_nll
 from .modeling import eager_attention, find_prunable, set_weight_matrix, weight_matrix
@@ -103,8 +103,9 @@ def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | Non
     capture_and_loop = time.perf_counter() - t_cap
     scores = {}
     for c in CANDIDATES:
-        nll = [window_nll(lg, heldout[j:j + 1])
-               for j, lg in enumerate(head_logits(model, heldout, hidden[c][n_cal:], device, inputs, blocks))]
+        nll: list[float] = []
+        run_head(model, heldout, hidden[c][n_cal:], device, lambda j, lg: nll.append(window_nll(lg, heldout[j:j + 1])),
+                 inputs, blocks)
         scores[c] = math.exp(sum(nll) / len(nll))
     best = min(scores, key=scores.get)
     for i, block in enumerate(blocks.layers):
@@ -136,7 +137,7 @@ def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device,
     def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         layers = find_prunable(block)
         qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
-        dense_block = copy.deepcopy(block)
+        dense_block = block  # still dense: the chosen weights are copied in at the end of the step
         dense_attn = find_attention(dense_block, f" (block {i})")
         prunes = {}
         for c in CANDIDATES:
@@ -173,7 +174,7 @@ def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device,
                            "block_error": {c: num[c] / max(den, 1e-30) for c in CANDIDATES},
                            "attention_kl": {c: kl[c] / max(rows_seen, 1) for c in CANDIDATES}}
         log.info("block %d: per-layer objective %s -> freeze %s", i, {k: f"{v:.4g}" for k, v in objective.items()}, best)
-        del cands, dense_block
+        del cands
         propagate(block, i, inputs)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 

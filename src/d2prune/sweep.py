@@ -29,7 +29,7 @@ from .data import eval_text, eval_windows
 from .errors import D2PruneError
 from .evaluate import perplexity
 from .modeling import default_seqlen, load_model
-from .pipeline import DataConfig, _cpu_dtype, calibration_for
+from .pipeline import DataConfig, resolve_dtype, calibration_for
 from .pruning import prune
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class SweepConfig:
     zero_shot: dict | None = None  # evaluate_zero_shot options, or None
     diagnose_windows: int = 0      # >0: attention KL / RMSE vs dense on that many eval windows
     max_cells: int | None = None   # stop after this many new cells (to test resuming)
+    dtype: str = "auto"
     model_labels: dict = field(default_factory=dict)
 
 
@@ -111,14 +112,16 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         "sparsities": [str(s) for s in cfg.sparsities], "data": vars(cfg.data), "zero_shot": cfg.zero_shot,
         "diagnose_windows": cfg.diagnose_windows}, indent=2, default=str) + "\n")
     new_cells = 0
+    existing = read_rows(csv_path)
     for model_name in cfg.models:
         label = cfg.model_labels.get(model_name) or model_label(model_name)
+        _check_same_settings(existing, label, cfg)
         cells = [(m, s) for s in cfg.sparsities for m in cfg.methods if _key(label, method_label(m), str(s)) not in done]
         need_dense = _key(label, "dense", "0") not in done
         if not cells and not need_dense:
             log.info("%s: every cell already done", label)
             continue
-        dense, tok, _ = load_model(model_name, dtype=_cpu_dtype("auto", cfg.device))
+        dense, tok, _ = load_model(model_name, dtype=resolve_dtype(cfg.dtype, cfg.device))
         seqlen = cfg.data.seqlen or default_seqlen(dense)
         need_held = any(getattr(m, "frozen", None) == "auto" for m, _ in cells)
         calib, held = calibration_for(tok, cfg.data, seqlen, need_held)
@@ -147,6 +150,20 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     rows = read_rows(csv_path)
     write_outputs(rows, out, cfg)
     return rows
+
+
+def _check_same_settings(rows: list[dict], label: str, cfg: SweepConfig) -> None:
+    """Resuming must not mix cells computed with other data settings."""
+    for r in rows:
+        if r["model"] != label:
+            continue
+        if str(r["nsamples"]) != str(cfg.data.nsamples) or (cfg.data.seqlen and str(r["seqlen"]) != str(cfg.data.seqlen)):
+            raise D2PruneError(
+                f"{cfg.out}/results.csv holds {label} cells made with nsamples={r['nsamples']}, seqlen={r['seqlen']}; "
+                f"this sweep asks for nsamples={cfg.data.nsamples}, seqlen={cfg.data.seqlen}: use another --out"
+            )
+        if cfg.zero_shot and r.get("limit") not in ("", None) and str(r["limit"]) != str(cfg.zero_shot.get("limit")):
+            raise D2PruneError(f"{cfg.out}/results.csv holds zero-shot results with --limit {r['limit']}: use the same --limit or another --out")
 
 
 def _evaluate(model, tok, windows, cfg: SweepConfig, dense=None) -> dict:

@@ -38,7 +38,6 @@ from .errors import D2PruneError
 log = logging.getLogger(__name__)
 
 STANDARD_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-EXTRA_TASKS = ("piqa", "copa")
 PREFIX = "local_"
 
 # standard name -> (data file under the task-data folder, the metric METHOD.md reports)
@@ -133,7 +132,7 @@ def task_yamls(data_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def default_task_data() -> Path | None:
-    from .demo import find_shared_data
+    from .data import find_shared_data
 
     shared = find_shared_data()
     return shared / "zeroshot" if shared and (shared / "zeroshot").is_dir() else None
@@ -209,13 +208,20 @@ def evaluate_zero_shot(model, tokenizer, tasks: str | list[str] | None = None, l
         raise D2PruneError("zero-shot evaluation needs lm-eval: pip install 'd2prune[eval]'") from e
     names = parse_tasks(tasks)
     data = check_task_data(task_data, names)
+    from .modeling import pick_device
+
+    home = next(model.parameters()).device
+    dev = pick_device(device) if device else home
     with tempfile.TemporaryDirectory(prefix="d2prune-tasks-") as tmp:
         write_task_configs(data, tmp)
-        dev = device or str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
-        res = lm_eval.simple_evaluate(model=lm, tasks=[PREFIX + t for t in names], num_fewshot=0, limit=limit,
-                                      task_manager=TaskManager(include_path=tmp), log_samples=False,
-                                      bootstrap_iters=0)
+        try:  # lm-eval runs a model object where it lies: put it on the device, then back
+            model.to(dev)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev))
+            res = lm_eval.simple_evaluate(model=lm, tasks=[PREFIX + t for t in names], num_fewshot=0, limit=limit,
+                                          task_manager=TaskManager(include_path=tmp), log_samples=False,
+                                          bootstrap_iters=0)
+        finally:
+            model.to(home)
     out = summarize(res, names, limit, batch_size)
     for t, r in out.tasks.items():
         log.info("%-14s %s %.4f", t, r["metric"], r["value"])

@@ -42,6 +42,11 @@ from .sparsegpt import hessian_factor, obs_prune
 # --------------------------------------------------------------------------- statistics
 
 
+def _sum_dtype(device) -> torch.dtype:
+    """float64 sums for the order-independent means (MPS has no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 @register_accumulator
 class ScaledInputNormIW(Accumulator):
     """faithful D2-SparseGPT ``dx``: index-weighted sum of ``||sqrt(2/n) X[:, j]|| / s``
@@ -90,11 +95,11 @@ class InputNormMean(Accumulator):
     def __init__(self, d_in, device, s):
         super().__init__(d_in, device)
         self.s = s
-        self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.total = torch.zeros(d_in, dtype=_sum_dtype(device), device=device)
 
     def update(self, x: Tensor) -> None:
         x = x if x.dim() == 3 else x.unsqueeze(0)
-        self.total += torch.linalg.vector_norm(x.double(), dim=1).sum(0)  # one norm per sample
+        self.total += torch.linalg.vector_norm(x.to(self.total.dtype), dim=1).sum(0)  # one norm per sample
         self.n += x.shape[0]
 
     @property
@@ -121,7 +126,7 @@ class OutputNorm:
             self.n += b
             self.buf += t
         else:
-            t = torch.linalg.vector_norm(out.double(), dim=1).sum(0)
+            t = torch.linalg.vector_norm(out.to(_sum_dtype(out.device)), dim=1).sum(0)
             self.buf = t if self.buf is None else self.buf + t
             self.n += b
 
@@ -164,19 +169,29 @@ def _dx_key(variant: str, updated: bool, s: float) -> str:
     return f"d2_dx_scaled_iw:{s!r}" if updated else f"d2_dx_raw_iw:{s!r}"
 
 
-class D2SparseGPTLayer(LayerPruner):
+class _D2Layer(LayerPruner):
+    """Shared by both D² layer kinds: the output statistic ``y`` (of the
+    layer's own output rows, ``rows`` for a slice of a fused q/k/v)."""
+
     wants_output = True
-    label = "d2-sparsegpt"
+    updated: bool = True
 
     def __init__(self, name, module, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
         super().__init__(name, module, sparsity)
         self.cfg, self.rows = cfg, rows
-        self.dx_key = _dx_key(cfg.variant, True, cfg.s)
-        self.input_stats = ("hessian", self.dx_key)
+        self.dx_key = _dx_key(cfg.variant, self.updated, cfg.s)
         self.y = OutputNorm(cfg.s, cfg.variant != "normalized")
 
     def observe_output(self, y):
         self.y.update(y if self.rows is None else y[..., self.rows])
+
+
+class D2SparseGPTLayer(_D2Layer):
+    label = "d2-sparsegpt"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_stats = ("hessian", self.dx_key)
 
     def prune(self, W, stats):
         U, dead = hessian_factor(stats, self.cfg.percdamp, self.name)
@@ -188,20 +203,14 @@ class D2SparseGPTLayer(LayerPruner):
         return obs_prune(W, U, dead, self.sparsity, self.cfg.blocksize, score)
 
 
-class D2WandaLayer(LayerPruner):
-    wants_output = True
+class D2WandaLayer(_D2Layer):
     label = "d2-wanda"
+    updated = False
 
-    def __init__(self, name, module, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
-        super().__init__(name, module, sparsity)
-        self.cfg, self.rows = cfg, rows
-        self.dx_key = _dx_key(cfg.variant, False, cfg.s)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.input_stats = ("sq_norm", self.dx_key)
-        self.y = OutputNorm(cfg.s, cfg.variant != "normalized")
-        self.e = 0 if cfg.variant == "faithful" else 1
-
-    def observe_output(self, y):
-        self.y.update(y if self.rows is None else y[..., self.rows])
+        self.e = 0 if self.cfg.variant == "faithful" else 1
 
     def prune(self, W, stats):
         score = d2_wanda_score(W, stats["sq_norm"].value, self.y.value, stats[self.dx_key].value,
@@ -264,16 +273,24 @@ class D2Prune(Method):
 
     def begin_block(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> None:
         fixed = self.config.frozen_set
+        if fixed == ():
+            self.block_frozen[index] = fixed
+            return
+        parts = {name: qkv_parts(name, mod, self.model_config) or [] for name, mod in layers.items()}
+        roles = {role for ps in parts.values() for role, _ in ps}
+        wanted = set(fixed) if fixed is not None else {"q", "k", "v"}
+        if not wanted <= roles:
+            missing = ", ".join(sorted(wanted - roles))
+            raise D2PruneError(f"block {index} has no recognisable {missing} projection (Linears: {', '.join(layers)}): "
+                               "d2prune cannot tell which layer to freeze; use --frozen none")
         if fixed is not None:
             self.block_frozen[index] = fixed
             return
         # outlier rule (appendix eqs 17-19): freeze argmax_j r_j of the dense q/k/v
         ratios: dict[str, float] = {}
-        for name, mod in layers.items():
-            for role, rows in qkv_parts(name, mod, self.model_config) or []:
-                ratios[role] = outlier_ratio(weight_matrix(mod)[rows])
-        if set(ratios) != {"q", "k", "v"}:
-            raise D2PruneError(f"block {index} has no recognisable q/k/v projections for --frozen outlier")
+        for name, ps in parts.items():
+            for role, rows in ps:
+                ratios[role] = outlier_ratio(weight_matrix(layers[name])[rows])
         self.outlier_ratios[index] = ratios
         self.block_frozen[index] = (max(ratios, key=ratios.get),)
 
