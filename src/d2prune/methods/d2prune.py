@@ -47,43 +47,38 @@ def _sum_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+class _InputNormIW(Accumulator):
+    """faithful ``dx``: the authors' running buffer ``buf *= n/(n+B); buf += ||X[:, j]|| / s``
+    (an index-weighted sum, not a mean), float operations in their order."""
+
+    rescaled = False  # D2-SparseGPT takes the norm of the Hessian-rescaled input sqrt(2/n) X
+
+    def __init__(self, d_in, device, s):
+        super().__init__(d_in, device)
+        self.s = s
+        self.value = torch.zeros(d_in, dtype=torch.float32, device=device)
+
+    def update(self, x: Tensor) -> None:
+        inp, b = as_columns(x)
+        self.value *= self.n / (self.n + b)
+        self.n += b
+        inp = math.sqrt(2 / self.n) * inp.float() if self.rescaled else inp.type(torch.float32)
+        self.value += torch.norm(inp, p=2, dim=1) / self.s
+
+
 @register_accumulator
-class ScaledInputNormIW(Accumulator):
-    """faithful D2-SparseGPT ``dx``: index-weighted sum of ``||sqrt(2/n) X[:, j]|| / s``
-    (the reference rescales the input for the Hessian first, then takes its norm)."""
+class ScaledInputNormIW(_InputNormIW):
+    """faithful D2-SparseGPT ``dx`` (from ``sqrt(2/n) X``, as the reference computes it)."""
 
     key = "d2_dx_scaled_iw"
-
-    def __init__(self, d_in, device, s):
-        super().__init__(d_in, device)
-        self.s = s
-        self.value = torch.zeros(d_in, dtype=torch.float32, device=device)
-
-    def update(self, x: Tensor) -> None:
-        inp, b = as_columns(x)
-        self.value *= self.n / (self.n + b)
-        self.n += b
-        inp = math.sqrt(2 / self.n) * inp.float()
-        self.value += torch.norm(inp, p=2, dim=1) / self.s
+    rescaled = True
 
 
 @register_accumulator
-class InputNormIW(Accumulator):
-    """faithful D2-Wanda ``dx``: index-weighted sum of ``||X[:, j]|| / s`` (raw fp32 input)."""
+class InputNormIW(_InputNormIW):
+    """faithful D2-Wanda ``dx`` (from the raw fp32 input)."""
 
     key = "d2_dx_raw_iw"
-
-    def __init__(self, d_in, device, s):
-        super().__init__(d_in, device)
-        self.s = s
-        self.value = torch.zeros(d_in, dtype=torch.float32, device=device)
-
-    def update(self, x: Tensor) -> None:
-        inp, b = as_columns(x)
-        self.value *= self.n / (self.n + b)
-        self.n += b
-        inp = inp.type(torch.float32)
-        self.value += torch.norm(inp, p=2, dim=1) / self.s
 
 
 @register_accumulator
