@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
     ap.add_argument("--heldout-windows", type=int, default=8, help="held-out windows for d2prune:frozen=auto")
+    ap.add_argument("--no-share", action="store_true", help="one Hessian per Linear (the references' way), for comparison")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
-            rep = prune(m, PruneConfig(method=mcfg, sparsity=args.sparsity, device=str(device)), calib, held)
+            rep = prune(m, PruneConfig(method=mcfg, sparsity=args.sparsity, device=str(device),
+                                       share_inputs=not args.no_share), calib, held)
             sync(device)
             if best is None or rep.seconds < best[0]:
                 best = (rep.seconds, rep.calib_forward_seconds, rep.sparsity, cuda_peak_mib(device))
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     cpu = platform.processor() or platform.machine()
     head = (f"model {src.describe()} | {args.nsamples} x {args.seqlen} calibration tokens | sparsity {args.sparsity} | "
+            f"{'one Hessian per Linear' if args.no_share else 'shared input statistics'} | "
             f"device {device} ({torch.get_num_threads()} threads, {cpu}) | torch {torch.__version__}")
     lines = [f"`{cmd}`", "", head, "",
              f"floor (capture + 2 block forwards per block): {floor:.2f} s; peak RSS after loading: {rss_loaded:.0f} MiB", "",

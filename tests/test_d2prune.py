@@ -286,3 +286,21 @@ def test_diagnostics_positive_after_pruning(stories, stories_calib):
     windows = eval_windows(stories[1], eval_text("wikitext2", WIKI), 64)[:3]
     rows = attention_diff(stories[0], model, windows, CPU)
     assert all(r.kl > 0 and r.rmse > 0 for r in rows)
+
+
+def test_phi3_fused_qkv_with_gqa_split():
+    """Phi-3's qkv_proj rows are [q (heads*hd); k (kv*hd); v (kv*hd)]: freezing k
+    prunes exactly those rows without update."""
+    model = tiny_model("phi3")
+    attn = model.model.layers[0].self_attn
+    dense_w = weight_matrix(attn.qkv_proj).clone()
+    prune(model, PruneConfig(method=D2PruneConfig(frozen="k"), sparsity=0.5, device="cpu"), torch.randint(0, 128, (4, 16)))
+    W = weight_matrix(attn.qkv_proj)
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    q, k = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    k_rows = W[q:q + k]
+    assert torch.all((k_rows == 0).sum(1) == W.shape[1] // 2)
+    assert torch.equal(k_rows[k_rows != 0], dense_w[q:q + k][k_rows != 0])
+    v_rows = W[q + k:]
+    assert not torch.equal(v_rows[v_rows != 0], dense_w[q + k:][v_rows != 0])
