@@ -197,7 +197,9 @@ def markdown_table(rows: list[dict], value: str = "ppl", fmt: str = "{:.2f}") ->
     """Paper layout: one row per (sparsity, method), one column per model."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     order = list(dict.fromkeys((r["sparsity"], r["method"]) for r in rows))
-    order.sort(key=lambda sm: (0 if sm[1] == "dense" else 1, _sparsity_sort(sm[0])))
+    # methods in order of first appearance over the whole grid, so a cell redone later keeps its place
+    rank = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    order.sort(key=lambda sm: (0 if sm[1] == "dense" else 1, _sparsity_sort(sm[0]), rank[sm[1]]))
     cell = {(r["model"], r["sparsity"], r["method"]): r.get(value, "") for r in rows}
     lines = ["| sparsity | method | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for s, m in order:
@@ -235,27 +237,33 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
         if not data:
             continue
         models = list(dict.fromkeys(r["model"] for r in data))
-        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+        # one colour per method across all panels (first appearance in the grid)
+        methods = list(dict.fromkeys(r["method"] for r in data if r["method"] != "dense"))
+        cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+        colors = {m: cmap(i) for i, m in enumerate(methods)}
+        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models) + 2.2, 3.8), squeeze=False)
+        handles = {}
         for ax, model in zip(axes[0], models):
             mrows = [r for r in data if r["model"] == model]
             dense = [float(r[value]) for r in mrows if r["method"] == "dense"]
-            for method in dict.fromkeys(r["method"] for r in mrows if r["method"] != "dense"):
-                pts = sorted((Sparsity.parse(r["sparsity"]).ratio, float(r[value]), r["sparsity"]) for r in mrows
+            for method in methods:
+                pts = sorted((Sparsity.parse(r["sparsity"]).ratio, float(r[value])) for r in mrows
                              if r["method"] == method and not Sparsity.parse(r["sparsity"]).is_nm)
-                color = None
                 if pts:
-                    color = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)[0].get_color()
+                    handles[method] = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                                              color=colors[method], label=method)[0]
                 nm = [(Sparsity.parse(r["sparsity"]).ratio, float(r[value])) for r in mrows
                       if r["method"] == method and Sparsity.parse(r["sparsity"]).is_nm]
                 if nm:  # N:M cells as crosses in the method's colour
-                    ax.scatter([p[0] for p in nm], [p[1] for p in nm], marker="x", color=color,
-                               label=None if pts else method)
+                    h = ax.scatter([p[0] for p in nm], [p[1] for p in nm], marker="x", color=colors[method])
+                    handles.setdefault(method, h)
             if dense:
-                ax.axhline(dense[0], color="gray", ls="--", label="dense")
+                handles["dense"] = ax.axhline(dense[0], color="gray", ls="--", label="dense")
             if logy:
                 ax.set_yscale("log")
             ax.set(title=model, xlabel="sparsity (x: N:M)", ylabel=ylabel)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        names = [m for m in [*methods, "dense"] if m in handles]
+        fig.legend([handles[m] for m in names], names, loc="center right", fontsize=7)
+        fig.tight_layout(rect=(0, 0, 1 - 2.2 / (5 * len(models) + 2.2), 1))
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
