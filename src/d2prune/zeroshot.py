@@ -97,6 +97,7 @@ def _mc_yaml(task: str, builder: str, split: str, path: str, text: str, target: 
         f"    {split}: {json.dumps(path)}",
         f"{'test' if split == 'test' else 'validation'}_split: {split}",
         "output_type: multiple_choice",
+        "num_fewshot: 0",  # the protocol (METHOD.md §5) is zero-shot; also the CLI's default without --num_fewshot
     ]
     if process:
         lines.append(f"process_docs: !function d2p_utils.{process}")
