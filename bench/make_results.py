@@ -150,7 +150,7 @@ def write_results(rows: list[dict], spd: dict, sizes: dict, out: Path, cmd: str,
     if zrows:
         lines += ["## Zero-shot accuracy (lm-eval-harness, 0-shot, local task data)", "",
                   "acc_norm for hellaswag, arc_easy, arc_challenge, openbookqa; acc for boolq, rte, winogrande "
-                  "(METHOD.md §5). HellaSwag is a 1000-item subset (see README). With 50-100 items per task one item is 1-2 "
+                  "(as the pruning papers report them). HellaSwag is a 1000-item subset (see README). With 50-100 items per task one item is 1-2 "
                   "points and the standard error of a task is about 5-7 points: differences of a few points are noise, "
                   "and stories260K (260K parameters) is at chance on every task.", ""]
         rank = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}

@@ -161,3 +161,49 @@ def test_overwrite_failure_keeps_previous_output(tmp_path, capsys, monkeypatch):
     assert rc == 2 and len(err.splitlines()) == 1 and "could not write" in err
     assert (out / "keep.txt").read_text() == "x"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.fixture
+def no_pruning(monkeypatch):
+    """Checks that must happen before the (long) prune: pruning here is a test failure."""
+    import d2prune.pipeline as pipeline
+
+    def fail(*a, **k):
+        raise AssertionError("pruned before validating the options")
+
+    monkeypatch.setattr(pipeline, "prune", fail)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--eval-file", "MISSING"], "does not exist"),
+    (["--eval-file", "NOTJSON"], "NOTJSON"),
+    (["--zero-shot", "--tasks", "boolq,foo"], "unknown zero-shot task(s) foo"),
+    (["--zero-shot", "--limit", "-1"], "--limit -1.0 must be"),
+    (["--zero-shot", "--limit", "2.5"], "--limit 2.5 must be"),
+    (["--seqlen", "4096"], "exceeds the model's context of 512"),
+])
+def test_options_checked_before_pruning(tmp_path, capsys, no_pruning, extra, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    extra = [str(tmp_path / "missing.jsonl") if a == "MISSING" else str(bad) if a == "NOTJSON" else a for a in extra]
+    match = match.replace("NOTJSON", str(bad))
+    _assert_clean_failure(*_run(tmp_path, capsys, "--method", "wanda", "--sparsity", "0.5", *extra), match)
+
+
+@pytest.mark.parametrize("argv,match", [(["prune", "--method", "foo"], "invalid choice: 'foo'"),
+                                        (["bogus"], "invalid choice: 'bogus'"),
+                                        (["prune", "--nsamples", "x"], "invalid int value")])
+def test_argparse_errors_are_one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("d2prune: error: ") and match in err[0], err
+
+
+def test_diagnose_bad_options_before_loading(tmp_path, capsys):
+    assert main(["diagnose", "--dense", str(STORIES), "--pruned", str(STORIES), "--windows", "0"]) == 2
+    assert "--windows 0 must be an integer >= 1" in capsys.readouterr().err
+    assert main(["diagnose", "--dense", str(STORIES), "--pruned", str(STORIES),
+                 "--plot", str(tmp_path / "nodir" / "a.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

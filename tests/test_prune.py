@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -74,8 +75,11 @@ def test_saved_model_reloads_with_same_perplexity(stories, stories_calib, tmp_pa
     model, report = _pruned(stories, stories_calib, "sparsegpt", "2:4")
     windows = eval_windows(stories[1], eval_text("wikitext2", WIKI), 128)
     before = perplexity(model, windows, max_windows=8, device="cpu")
-    out = save_pruned(model, stories[1], tmp_path / "pruned", {"sparsity": report.sparsity})
+    out = save_pruned(model, stories[1], tmp_path / "new" / "pruned", {"sparsity": report.sparsity})  # parents made
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # like a plain mkdir, not mkdtemp's private 0700
     assert json.loads((out / "d2prune.json").read_text())["sparsity"] == report.sparsity
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     after = perplexity(reloaded, windows, max_windows=8, device="cpu")

@@ -58,8 +58,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: autodetect)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's one-line error (``d2prune: error: ...``, exit
+    2) instead of the usage block; ``--help`` still shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog.removeprefix("d2prune").strip()
+        self.exit(2, f"d2prune: error: {sub + ': ' if sub else ''}{message} (see d2prune {sub} --help)\n".replace("  ", " "))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2prune", description="Post-training pruning of HuggingFace causal LMs.")
+    parser = _Parser(prog="d2prune", description="Post-training pruning of HuggingFace causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,9 +188,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def zeroshot_options(args: argparse.Namespace) -> dict:
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 and args.limit.is_integer() else args.limit
     return {"tasks": args.tasks, "limit": limit, "task_data": args.task_data, "batch_size": args.batch_size}
 
 

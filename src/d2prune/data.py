@@ -40,6 +40,8 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     """Rows of a local ``.jsonl[.gz]`` (``field`` of each object) or a whole
     ``.txt``/``.raw`` file as one row."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise D2PruneError(f"data file {path} is a folder: pass a .jsonl or .txt file inside it")
     if not p.is_file():
         raise D2PruneError(f"data file {path} does not exist: pass an existing .jsonl or .txt file")
     opener = gzip.open if p.suffix == ".gz" else open

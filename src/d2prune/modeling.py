@@ -166,6 +166,14 @@ def default_seqlen(model, cap: int = 2048) -> int:
     return int(min(n, cap))
 
 
+def check_seqlen(model, seqlen: int) -> None:
+    """Windows longer than the model's context are out of its training
+    distribution (rotary models) or crash (learned positions): refuse them."""
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if n and seqlen > n:
+        raise D2PruneError(f"--seqlen {seqlen} exceeds the model's context of {n} tokens: choose --seqlen <= {n}")
+
+
 # --------------------------------------------------------------------------- architecture
 @dataclass
 class Blocks:

@@ -15,7 +15,7 @@ from .config import PruneConfig, to_dict
 from .data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
 from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
-from .modeling import default_seqlen, load_model, pick_device
+from .modeling import check_seqlen, default_seqlen, load_model, pick_device
 from .pruning import PruneReport, prune
 from .save import check_output_dir, library_versions, save_pruned
 
@@ -65,12 +65,19 @@ def needs_heldout(config: PruneConfig) -> bool:
     return getattr(config.method, "frozen", None) == "auto"
 
 
-def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None) -> dict[str, PerplexityResult]:
-    """WikiText-2 always; C4 validation when a file is given."""
-    out = {}
+def eval_texts(data: DataConfig) -> dict[str, str]:
+    """The evaluation texts (WikiText-2 always; C4 validation when a file is
+    given), read before any pruning so a bad file fails in seconds."""
     sets = [("wikitext2", data.eval_file)] + ([("c4", data.c4_eval_file)] if data.c4_eval_file else [])
-    for name, path in sets:
-        windows = eval_windows(tokenizer, eval_text(name, path), seqlen)
+    return {name: eval_text(name, path) for name, path in sets}
+
+
+def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
+                 texts: dict[str, str] | None = None) -> dict[str, PerplexityResult]:
+    """Perplexity on each of :func:`eval_texts`."""
+    out = {}
+    for name, text in (texts if texts is not None else eval_texts(data)).items():
+        windows = eval_windows(tokenizer, text, seqlen)
         if name == "c4":  # SparseGPT protocol: the first 256 windows of the joined validation text
             windows = windows[:C4_EVAL_WINDOWS]
         out[name] = perplexity(model, windows, name, data.eval_windows, device)
@@ -83,13 +90,20 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     """Prune ``model_name`` with ``config`` and return the d2prune.json record
     (also written to ``out`` with the model, when given)."""
     t0 = time.perf_counter()
+    # everything that can be checked is checked before the (long) prune
     if out is not None:
-        check_output_dir(out, overwrite)  # refuse before spending time
+        check_output_dir(out, overwrite)
+    if zero_shot is not None:
+        from .zeroshot import check_zero_shot
+
+        check_zero_shot(**zero_shot)
+    texts = eval_texts(data) if data.evaluate else {}
     model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, config.device))
     seqlen = data.seqlen or default_seqlen(model)
+    check_seqlen(model, seqlen)
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
     report: PruneReport = prune(model, config, calib, heldout)
-    results = evaluate_ppl(model, tokenizer, data, seqlen, config.device) if data.evaluate else {}
+    results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, texts) if data.evaluate else {}
     zs = None
     if zero_shot is not None:
         from .zeroshot import evaluate_zero_shot
@@ -128,12 +142,18 @@ def evaluate_model(model_name: str | None, zero_shot: dict, dtype: str = "auto",
     """Zero-shot (and optionally WikiText-2 ppl) of a model / pruned folder."""
     from .zeroshot import evaluate_zero_shot
 
+    from .zeroshot import check_zero_shot
+
+    check_zero_shot(**zero_shot)
+    data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
+    texts = eval_texts(data) if ppl else None
     model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, device))
+    if ppl:
+        check_seqlen(model, seqlen or default_seqlen(model))
     out = {"model": source.describe(), "versions": library_versions(),
            "zero_shot": evaluate_zero_shot(model, tokenizer, device=device, **zero_shot).to_dict()}
     if ppl:
-        data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
-        res = evaluate_ppl(model, tokenizer, data, seqlen or default_seqlen(model), device)
+        res = evaluate_ppl(model, tokenizer, data, seqlen or default_seqlen(model), device, texts)
         out["ppl"] = asdict(res["wikitext2"])
     return out
 
@@ -148,18 +168,50 @@ def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = No
 
     from .diagnostics import attention_diff, format_table, plot, summarize
 
+    if not (isinstance(windows, int) and windows >= 1):
+        raise D2PruneError(f"--windows {windows!r} must be an integer >= 1")
+    folder = Path(pruned_dir)
+    plot_path = plot_path or (str(folder / "attention.png") if folder.is_dir() else "attention.png")
+    json_path = json_path or (str(folder / "attention.json") if folder.is_dir() else "attention.json")
+    for p in (plot_path, json_path):
+        if not Path(p).absolute().parent.is_dir():
+            raise D2PruneError(f"the folder of {p} does not exist: create it or choose another --plot / --json")
+    text_file = text_file or _default_eval_file(folder)
+    text = eval_text("wikitext2", text_file)
     dev = pick_device(device)
     dense, tok, src = load_model(dense_name, dtype=resolve_dtype("auto", device))
     pruned, _, psrc = load_model(pruned_dir, dtype=resolve_dtype("auto", device))
     seqlen = seqlen or default_seqlen(dense)
-    ids = eval_windows(tok, eval_text("wikitext2", text_file), seqlen)[:windows]
+    check_seqlen(dense, seqlen)
+    ids = eval_windows(tok, text, seqlen)[:windows]
     rows = attention_diff(dense, pruned, ids, dev)
     result = {"dense": src.describe(), "pruned": psrc.describe(), "windows": int(ids.shape[0]), "seqlen": seqlen,
-              **summarize(rows), "table": format_table(rows)}
-    folder = Path(pruned_dir)
-    plot_path = plot_path or (str(folder / "attention.png") if folder.is_dir() else "attention.png")
-    json_path = json_path or (str(folder / "attention.json") if folder.is_dir() else "attention.json")
+              "eval_file": text_file, **summarize(rows), "table": format_table(rows)}
     plot(rows, plot_path, f"{psrc.describe()} vs dense")
     Path(json_path).write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2) + "\n")
     log.info("wrote %s and %s", plot_path, json_path)
     return result
+
+
+def _default_eval_file(pruned_dir) -> str | None:
+    """WikiText-2 for ``diagnose`` when no --eval-file is given: the file the
+    pruned folder was evaluated on (its d2prune.json), else ``../shared/data``
+    / ``$D2PRUNE_DATA``, else ``None`` (the hub)."""
+    import json
+    from pathlib import Path
+
+    from .data import find_shared_data
+    from .demo import WIKI_FILE
+
+    record = Path(pruned_dir) / "d2prune.json"
+    if record.is_file():
+        try:
+            f = json.loads(record.read_text()).get("data", {}).get("eval_file")
+        except (ValueError, AttributeError):
+            f = None
+        if f and Path(f).is_file():
+            return f
+    shared = find_shared_data()
+    if shared and (shared / WIKI_FILE).is_file():
+        return str(shared / WIKI_FILE)
+    return None

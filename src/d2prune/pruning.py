@@ -174,8 +174,9 @@ def calibrate(block: nn.Module, i: int, hidden: Tensor, inputs: BlockInputs, lay
 
 @torch.no_grad()
 def prune_layers(layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], stats: dict[str, InputStats],
-                 qual: dict[str, str]) -> list[LayerReport]:
-    """Prune every Linear with its wrapper; one report row per layer."""
+                 qual: dict[str, str], tag: str = "") -> list[LayerReport]:
+    """Prune every Linear with its wrapper; one report row per layer (logged,
+    prefixed by ``tag``, e.g. the candidate of a search)."""
     rows = []
     for n, layer in layers.items():
         t1 = time.perf_counter()
@@ -189,7 +190,7 @@ def prune_layers(layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], s
         achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
         row = LayerReport(qual[n], tuple(W.shape), achieved, err, time.perf_counter() - t1, prunes[n].label)
         rows.append(row)
-        log.info("%-40s %-13s sparsity %.4f  error %s  %.2fs", row.name, row.how, row.sparsity,
+        log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
                  f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
     return rows
 

@@ -25,13 +25,16 @@ RECORD_NAME = "d2prune.json"
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early (before any pruning) if ``out`` cannot be written."""
     p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise D2PruneError(f"output path {p} exists and is a file, not a folder: choose another --out")
     if p.exists() and not overwrite:
         raise D2PruneError(f"output folder {p} already exists: pass --overwrite or choose another --out")
-    if p.exists() and not p.is_dir():
-        raise D2PruneError(f"output path {p} exists and is not a folder: choose another --out")
+    # missing parent folders are created at save time (like save_pretrained): the nearest existing one must be writable
     parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise D2PruneError(f"the parent folder of --out ({parent}) does not exist: create it first")
+        raise D2PruneError(f"{parent} is a file, so {p} cannot be created: choose another --out")
     if not os.access(parent, os.W_OK):
         raise D2PruneError(f"cannot write into {parent}: choose a writable --out")
     return p
@@ -93,8 +96,16 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrit
     overwritten folder is only removed once the new one is in place."""
     target = check_output_dir(out, overwrite)
     parent = target.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise D2PruneError(f"could not create {parent}: {e.strerror or e}") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
+        # mkdtemp makes a private (0700) folder; the output gets the permissions a plain mkdir would give
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -89,7 +89,7 @@ def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | Non
             else:
                 src = dst = hidden[c]
                 obs = calibrate(block, i, src, inputs, layers, {n: [prunes[c][n]] for n in layers}, extra, n_cal, share)
-            rows[c].extend(prune_layers(layers, prunes[c], obs.stats, qual))
+            rows[c].extend(prune_layers(layers, prunes[c], obs.stats, qual, tag=f"[candidate: freeze {c}] "))
             weights[c][i] = {n: weight_matrix(m).detach().to("cpu", copy=True) for n, m in layers.items()}
             for j in range(src.shape[0]):  # calibration AND held-out windows
                 dst[j:j + 1] = run_block(block, src[j:j + 1], inputs.calls[i][j], inputs)
@@ -149,7 +149,8 @@ def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device,
         for c in CANDIDATES:
             cb = copy.deepcopy(dense_block)
             cl = find_prunable(cb)
-            cand_rows[c] = prune_layers(cl, prunes[c], {n: obs.stats[n] for n in cl}, qual)
+            cand_rows[c] = prune_layers(cl, prunes[c], {n: obs.stats[n] for n in cl}, qual,
+                                        tag=f"[candidate: freeze {c}] ")
             cands[c] = (cb, find_attention(cb))
         del obs
         num = {c: 0.0 for c in CANDIDATES}

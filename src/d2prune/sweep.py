@@ -28,7 +28,7 @@ from .config import MethodConfig, PruneConfig, Sparsity, method_label, parse_met
 from .data import eval_text, eval_windows
 from .errors import D2PruneError
 from .evaluate import perplexity
-from .modeling import default_seqlen, load_model
+from .modeling import check_seqlen, default_seqlen, load_model
 from .pipeline import DataConfig, resolve_dtype, calibration_for
 from .pruning import prune
 
@@ -103,6 +103,10 @@ def model_label(name: str | None) -> str:
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
+    if cfg.zero_shot is not None:  # before any work: a typo must not surface after the first prune
+        from .zeroshot import check_zero_shot
+
+        check_zero_shot(**cfg.zero_shot)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
@@ -123,6 +127,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             continue
         dense, tok, _ = load_model(model_name, dtype=resolve_dtype(cfg.dtype, cfg.device))
         seqlen = cfg.data.seqlen or default_seqlen(dense)
+        check_seqlen(dense, seqlen)
         need_held = any(getattr(m, "frozen", None) == "auto" for m, _ in cells)
         calib, held = calibration_for(tok, cfg.data, seqlen, need_held)
         windows = eval_windows(tok, eval_text("wikitext2", cfg.data.eval_file), seqlen)

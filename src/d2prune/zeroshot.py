@@ -196,19 +196,34 @@ def summarize(results: dict, tasks: list[str], limit, batch_size) -> ZeroShotRes
     return out
 
 
+def check_zero_shot(tasks: str | list[str] | None = None, limit: int | float | None = None,
+                    task_data: str | os.PathLike | None = None, batch_size: int = 8, **_) -> tuple[list[str], Path]:
+    """Validate zero-shot options before any work is done (a typo must not cost
+    a whole prune): ``(task names, task-data folder)``."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise D2PruneError("zero-shot evaluation needs lm-eval: pip install 'd2prune[eval]'") from e
+    if limit is not None and not (limit > 0 and (limit < 1 or float(limit).is_integer())):
+        raise D2PruneError(f"--limit {limit} must be a whole number of items >= 1 or a fraction in (0, 1)")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise D2PruneError(f"--batch-size {batch_size!r} must be an integer >= 1")
+    names = parse_tasks(tasks)
+    return names, check_task_data(task_data, names)
+
+
 def evaluate_zero_shot(model, tokenizer, tasks: str | list[str] | None = None, limit: int | float | None = None,
                        task_data: str | os.PathLike | None = None, batch_size: int = 8,
                        device: str | None = None) -> ZeroShotResult:
     """0-shot accuracy of an in-memory model through lm-eval's HF wrapper
     (no save / reload), with the local task configs."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise D2PruneError("zero-shot evaluation needs lm-eval: pip install 'd2prune[eval]'") from e
-    names = parse_tasks(tasks)
-    data = check_task_data(task_data, names)
+    names, data = check_zero_shot(tasks, limit, task_data, batch_size)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
     from .modeling import pick_device
 
     home = next(model.parameters()).device
