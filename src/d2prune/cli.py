@@ -155,6 +155,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        import huggingface_hub.utils.logging as hub_logging
+
+        hub_logging.get_logger("huggingface_hub").propagate = False  # it has its own handler: print once
+        if args.quiet:
+            hub_logging.set_verbosity_error()  # no per-retry warnings when offline
         transformers.logging.disable_progress_bar()  # ours (tqdm per block) is enough
     except Exception:  # pragma: no cover
         pass

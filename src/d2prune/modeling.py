@@ -139,8 +139,10 @@ def strip_gguf_quantizer(model) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or repr(e)
-    return text.splitlines()[0][:300]
+    # one line, but keep the reason when the first line is only a heading ("Validation error for field 'x':")
+    lines = [ln.strip() for ln in (str(e).strip() or repr(e)).splitlines() if ln.strip()]
+    text = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else " ".join(lines[:2])
+    return text[:300]
 
 
 def pick_device(name: str | None = None) -> torch.device:
