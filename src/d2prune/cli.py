@@ -193,8 +193,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def zeroshot_options(args: argparse.Namespace) -> dict:
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 and args.limit.is_integer() else args.limit
-    return {"tasks": args.tasks, "limit": limit, "task_data": args.task_data, "batch_size": args.batch_size}
+    from .zeroshot import normalize_limit
+
+    return {"tasks": args.tasks, "limit": normalize_limit(args.limit), "task_data": args.task_data, "batch_size": args.batch_size}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

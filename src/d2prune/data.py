@@ -108,6 +108,11 @@ def eval_text(dataset: str = "wikitext2", path: str | Path | None = None) -> str
     return "\n\n".join(rows)
 
 
+# the real data files inside a ``shared/data`` folder (see find_shared_data)
+SHARED_C4 = "c4/c4-train.00000-of-01024.first1000.jsonl"
+SHARED_WIKI = "wikitext-2-raw/test.jsonl"
+
+
 def find_shared_data() -> Path | None:
     """``$D2PRUNE_DATA``, else a ``shared/data`` folder beside the checkout or
     the working directory (the layout of this project's machines)."""

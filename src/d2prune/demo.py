@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from .config import PruneConfig, parse_method_spec
-from .data import calibration_texts, eval_text, eval_windows, find_shared_data, heldout_windows, sample_calibration
+from .data import (SHARED_C4, SHARED_WIKI, calibration_texts, eval_text, eval_windows, find_shared_data,
+                   heldout_windows, sample_calibration)
 from .evaluate import perplexity
 from .modeling import load_model
 from .pruning import prune
@@ -23,8 +24,6 @@ from .pruning import prune
 log = logging.getLogger(__name__)
 
 DEMO_METHODS = ("magnitude", "wanda", "sparsegpt", "d2prune:frozen=k", "d2prune:frozen=auto")
-C4_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
-WIKI_FILE = "wikitext-2-raw/test.jsonl"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -40,8 +39,8 @@ def main(nsamples: int | None = None, seqlen: int | None = None, n_windows: int 
          methods: tuple[str, ...] = DEMO_METHODS, sparsity: str = "0.5") -> int:
     nsamples, seqlen, n_eval, n_held = nsamples or 16, seqlen or 512, n_windows or 16, 8
     shared = find_shared_data()
-    calib_path = shared / C4_FILE if shared else None
-    wiki_path = shared / WIKI_FILE if shared else None
+    calib_path = shared / SHARED_C4 if shared else None
+    wiki_path = shared / SHARED_WIKI if shared else None
     t0 = time.perf_counter()
     print(f"d2prune demo: SmolLM2-135M-Instruct, {sparsity} sparsity, calibration {nsamples} x {seqlen} tokens of C4 "
           f"(seed 0), WikiText-2 ppl on the first {n_eval} windows of {seqlen} tokens, D2Prune auto scored on {n_held} "

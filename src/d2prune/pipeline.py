@@ -140,9 +140,7 @@ def evaluate_model(model_name: str | None, zero_shot: dict, dtype: str = "auto",
                    ppl: bool = False, eval_file: str | None = None, seqlen: int | None = None,
                    eval_windows: int | None = None) -> dict:
     """Zero-shot (and optionally WikiText-2 ppl) of a model / pruned folder."""
-    from .zeroshot import evaluate_zero_shot
-
-    from .zeroshot import check_zero_shot
+    from .zeroshot import check_zero_shot, evaluate_zero_shot
 
     check_zero_shot(**zero_shot)
     data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
@@ -200,10 +198,10 @@ def _default_eval_file(pruned_dir) -> str | None:
     import json
     from pathlib import Path
 
-    from .data import find_shared_data
-    from .demo import WIKI_FILE
+    from .data import SHARED_WIKI, find_shared_data
+    from .save import RECORD_NAME
 
-    record = Path(pruned_dir) / "d2prune.json"
+    record = Path(pruned_dir) / RECORD_NAME
     if record.is_file():
         try:
             f = json.loads(record.read_text()).get("data", {}).get("eval_file")
@@ -212,6 +210,6 @@ def _default_eval_file(pruned_dir) -> str | None:
         if f and Path(f).is_file():
             return f
     shared = find_shared_data()
-    if shared and (shared / WIKI_FILE).is_file():
-        return str(shared / WIKI_FILE)
+    if shared and (shared / SHARED_WIKI).is_file():
+        return str(shared / SHARED_WIKI)
     return None

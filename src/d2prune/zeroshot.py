@@ -196,6 +196,16 @@ def summarize(results: dict, tasks: list[str], limit, batch_size) -> ZeroShotRes
     return out
 
 
+def normalize_limit(limit: int | float | None) -> int | float | None:
+    """``--limit``: a whole number of items (an int, recorded as such) or a
+    fraction in (0, 1); anything else is an error."""
+    if limit is None:
+        return None
+    if not (limit > 0 and (limit < 1 or float(limit).is_integer())):
+        raise D2PruneError(f"--limit {limit} must be a whole number of items >= 1 or a fraction in (0, 1)")
+    return int(limit) if limit >= 1 else limit
+
+
 def check_zero_shot(tasks: str | list[str] | None = None, limit: int | float | None = None,
                     task_data: str | os.PathLike | None = None, batch_size: int = 8, **_) -> tuple[list[str], Path]:
     """Validate zero-shot options before any work is done (a typo must not cost
@@ -204,8 +214,7 @@ def check_zero_shot(tasks: str | list[str] | None = None, limit: int | float | N
         import lm_eval  # noqa: F401
     except ImportError as e:
         raise D2PruneError("zero-shot evaluation needs lm-eval: pip install 'd2prune[eval]'") from e
-    if limit is not None and not (limit > 0 and (limit < 1 or float(limit).is_integer())):
-        raise D2PruneError(f"--limit {limit} must be a whole number of items >= 1 or a fraction in (0, 1)")
+    normalize_limit(limit)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise D2PruneError(f"--batch-size {batch_size!r} must be an integer >= 1")
     names = parse_tasks(tasks)
@@ -222,8 +231,7 @@ def evaluate_zero_shot(model, tokenizer, tasks: str | list[str] | None = None, l
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    limit = normalize_limit(limit)
     from .modeling import pick_device
 
     home = next(model.parameters()).device
