@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import D2PruneError
-from .modeling import Blocks, find_blocks
+from .modeling import STORAGE_DTYPE, Blocks, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,20 @@ class _BlockStub(nn.Module):
 
 
 @contextlib.contextmanager
-def _stubbed(model: nn.Module, blocks: Blocks, handler: Callable, device: torch.device) -> Iterator[None]:
-    """Swap every block for a stub and put the rest of the model on ``device``;
-    always restore both."""
+def _stubbed(model: nn.Module, blocks: Blocks, handler: Callable, device: torch.device,
+             compute_dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Swap every block for a stub and put the rest of the model (embeddings,
+    norms, head) on ``device`` in ``compute_dtype``; always restore both."""
     real = list(blocks.layers)
-    home = None
+    placed = None
     try:
         for i, b in enumerate(real):
             blocks.layers[i] = _BlockStub(i, b, handler)
-        p = next(model.parameters(), None)  # the blocks are out of the tree now
-        home = p.device if p is not None else None
-        model.to(device)  # moves embeddings, norms, head: not the blocks
+        placed = place_params(model, device, compute_dtype)  # the blocks are out of the tree now
         yield
     finally:
-        if home is not None:
-            model.to(home)  # still stubbed: again only the non-block modules
+        if placed is not None:
+            placed.restore()  # still stubbed: again only the non-block modules
         for i, b in enumerate(real):
             blocks.layers[i] = b
 
@@ -137,7 +136,7 @@ def _store(obj: Any, prev: Any, memo: dict, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.device,
-                         blocks: Blocks | None = None) -> BlockInputs:
+                         blocks: Blocks | None = None, compute_dtype: torch.dtype | None = None) -> BlockInputs:
     """Run ``input_ids`` (``[N, L]``, one sample per forward, as the references
     do) through the model with stubbed blocks; return every block's inputs."""
     blocks = blocks or find_blocks(model)
@@ -162,7 +161,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        with _stubbed(model, blocks, handler, device):
+        with _stubbed(model, blocks, handler, device, compute_dtype):
             for j in range(nsamples):
                 state["j"], state["memo"] = j, {}
                 try:
@@ -190,16 +189,81 @@ def run_block(block: nn.Module, hidden: Tensor, call: BlockCall, inputs: BlockIn
     return out
 
 
+class _Placement:
+    """Where and in which dtype a module's parameters lived before
+    :func:`place_params` moved them; :meth:`restore` puts them back."""
+
+    def __init__(self, saved: list[tuple[nn.Parameter, torch.device, torch.dtype]], buffers: list):
+        self.saved, self.buffers = saved, buffers
+
+    def restore(self) -> None:
+        for p, device, dtype in self.saved:
+            p.data = p.data.to(device=device, dtype=dtype)
+            if hasattr(p, STORAGE_DTYPE):
+                delattr(p, STORAGE_DTYPE)
+        for mod, name, device in self.buffers:
+            buf = mod._buffers[name]
+            if buf is not None:
+                mod._buffers[name] = buf.to(device)
+
+
+def place_params(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> _Placement:
+    """Move ``module``'s parameters (and buffers) to ``device``; floating
+    parameters stored in another dtype are cast to ``compute_dtype`` and
+    remember their storage dtype (see :func:`d2prune.modeling.set_weight_matrix`:
+    weights written while a block computes in fp32 are rounded to the dtype
+    they will be saved in, so the next block sees what the saved model gives).
+    Buffers keep their dtype (rotary ``inv_freq`` stays fp32). Parameters on
+    the meta device are left alone."""
+    saved, buffers = [], []
+    for p in module.parameters():
+        if p.device.type == "meta":
+            continue
+        dtype = compute_dtype if (compute_dtype is not None and p.is_floating_point()) else p.dtype
+        saved.append((p, p.device, p.dtype))
+        if dtype != p.dtype:
+            setattr(p, STORAGE_DTYPE, p.dtype)
+        if p.device != device or p.dtype != dtype:
+            p.data = p.data.to(device=device, dtype=dtype)
+    for mod in module.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and buf.device.type != "meta" and buf.device != device:
+                buffers.append((mod, name, buf.device))
+                mod._buffers[name] = buf.to(device)
+    return _Placement(saved, buffers)
+
+
 @contextlib.contextmanager
-def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Move a block to the compute device for the duration, then back home."""
-    p = next(module.parameters(), None)
-    home = p.device if p is not None else device
-    module.to(device)
+def on_device(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+    """Put a block on the compute device (in ``compute_dtype``) for the duration, then back home."""
+    placed = place_params(module, device, compute_dtype)
     try:
         yield module
     finally:
-        module.to(home)
+        placed.restore()
+
+
+class BlockSource:
+    """Where the blocks' weights live between their turns, and the dtype they
+    compute in. This one: the model's own modules (host RAM, or wherever the
+    model is); :class:`d2prune.streaming.StreamedBlocks` reads each block from
+    a checkpoint on disk instead. ``compute_dtype=None`` computes in the
+    storage dtype."""
+
+    def __init__(self, blocks: Blocks, compute_dtype: torch.dtype | None = None):
+        self.blocks, self.compute_dtype = blocks, compute_dtype
+
+    def open(self, i: int, device: torch.device) -> contextlib.AbstractContextManager[nn.Module]:
+        """Block ``i`` ready to run on ``device`` for the duration of a ``with``."""
+        return on_device(self.blocks[i], device, self.compute_dtype)
+
+    def restore(self, i: int, tensors: dict[str, Tensor]) -> None:
+        """Replace block ``i``'s weights by ``tensors`` (names relative to the
+        block), e.g. a finished block read back from a resume checkpoint."""
+        block = self.blocks[i]
+        state = dict(block.named_parameters())
+        for name, t in tensors.items():
+            state[name].data = t.to(device=state[name].device, dtype=state[name].dtype)
 
 
 @contextlib.contextmanager
@@ -225,19 +289,32 @@ BlockStep = Callable[[int, nn.Module, BlockInputs], None]
 
 
 def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: BlockStep,
-               desc: str = "block", blocks: Blocks | None = None) -> BlockInputs:
+               desc: str = "block", blocks: Blocks | None = None, source: BlockSource | None = None,
+               start: int = 0, after: BlockStep | None = None) -> BlockInputs:
     """Capture block inputs, then call ``step(i, block_on_device, inputs)`` for
     every block in order. ``step`` must leave the block's outputs in
-    ``inputs.hidden`` (they are the next block's inputs)."""
+    ``inputs.hidden`` (they are the next block's inputs).
+
+    ``source`` says where blocks come from (default: the model's own modules,
+    in their own dtype). Blocks before ``start`` are only run forward (a
+    resumed prune: their finished weights are already in the source), and
+    ``after(i, block, inputs)`` runs once block ``i``'s step is done, while
+    the block is still open (to write it out / checkpoint the run)."""
     blocks = blocks or find_blocks(model)
+    source = source or BlockSource(blocks)
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(model, input_ids, device, blocks)
+    inputs = capture_block_inputs(model, input_ids, device, blocks, source.compute_dtype)
     log.debug("captured inputs of %d blocks for %d samples in %.2fs", len(blocks), input_ids.shape[0], time.perf_counter() - t0)
     bar = tqdm(range(len(blocks)), desc=desc, leave=False, disable=None)
     for i in bar:
         bar.set_description(f"{desc} {i + 1}/{len(blocks)}")
-        with on_device(blocks[i], device) as block:
+        with source.open(i, device) as block:
+            if i < start:
+                propagate(block, i, inputs)
+                continue
             step(i, block, inputs)
+            if after is not None:
+                after(i, block, inputs)
     return inputs
 
 
@@ -251,7 +328,7 @@ def propagate(block: nn.Module, i: int, inputs: BlockInputs) -> None:
 @torch.no_grad()
 def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: torch.device,
              consume: Callable[[int, Tensor], None], inputs: BlockInputs | None = None,
-             blocks: Blocks | None = None) -> None:
+             blocks: Blocks | None = None, compute_dtype: torch.dtype | None = None) -> None:
     """The model's own head on given final hidden states: run the model with
     identity stubs, replacing block 0's input by ``final_hidden[j]``, so the
     model applies its final norm / projection / lm_head itself. Calls
@@ -269,7 +346,7 @@ def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: 
             hidden = final_hidden[state["j"]:state["j"] + 1].to(hidden.device)
         return (hidden, *extras) if is_tuple else hidden
 
-    with _stubbed(model, blocks, handler, device):
+    with _stubbed(model, blocks, handler, device, compute_dtype):
         for j in range(input_ids.shape[0]):
             state["j"] = j
             consume(j, model(input_ids[j:j + 1].to(device), use_cache=False).logits)
@@ -277,12 +354,17 @@ def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: 
 
 @torch.no_grad()
 def sequential_logits(model: nn.Module, input_ids: Tensor, device: torch.device,
-                      consume: Callable[[int, Tensor], None] | None = None) -> list[Tensor] | None:
+                      consume: Callable[[int, Tensor], None] | None = None,
+                      source: BlockSource | None = None) -> list[Tensor] | None:
     """The model's logits computed block by block through the engine (no
     pruning): equal to ``model(input_ids).logits`` up to float rounding.
-    Without ``consume`` the logits are returned as a list (small inputs only)."""
-    blocks = find_blocks(model)
-    inputs = sequential(model, input_ids, device, lambda i, block, inp: propagate(block, i, inp), desc="forward", blocks=blocks)
+    Without ``consume`` the logits are returned as a list (small inputs only).
+    ``source``: where the blocks come from (e.g. streamed from disk)."""
+    blocks = source.blocks if source is not None else find_blocks(model)
+    source = source or BlockSource(blocks)
+    inputs = sequential(model, input_ids, device, lambda i, block, inp: propagate(block, i, inp), desc="forward",
+                        blocks=blocks, source=source)
     out: list[Tensor] = []
-    run_head(model, input_ids, inputs.hidden, device, consume or (lambda j, lg: out.append(lg)), inputs, blocks)
+    run_head(model, input_ids, inputs.hidden, device, consume or (lambda j, lg: out.append(lg)), inputs, blocks,
+             source.compute_dtype)
     return None if consume else out

@@ -235,10 +235,22 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return w.t() if isinstance(Conv1D, type) and isinstance(layer, Conv1D) else w
 
 
+# Attribute set on a parameter that computes in a wider dtype than it is stored
+# in (a bf16 block computing in fp32 on a CPU): the dtype it will be saved in.
+STORAGE_DTYPE = "_d2prune_storage_dtype"
+
+
 def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
-    """Write a ``[d_out, d_in]`` matrix back in the layer's own layout and dtype."""
+    """Write a ``[d_out, d_in]`` matrix back in the layer's own layout and dtype.
+
+    A weight computing in a wider dtype than its storage is first rounded to
+    the storage dtype, so the pruned block propagates exactly what the saved
+    model computes (as the references do when they write into an fp16 layer)."""
     if isinstance(Conv1D, type) and isinstance(layer, Conv1D):
         w = w.t()
+    storage = getattr(layer.weight, STORAGE_DTYPE, None)
+    if storage is not None:
+        w = w.to(storage)
     layer.weight.data.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
