@@ -90,10 +90,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrite: bool = False,
+                write_weights=None) -> Path:
     """``save_pretrained`` (safetensors) + tokenizer + ``d2prune.json``, atomically:
     everything goes to a temporary folder that is renamed into place last; an
-    overwritten folder is only removed once the new one is in place."""
+    overwritten folder is only removed once the new one is in place.
+    ``write_weights(folder)`` replaces ``model.save_pretrained`` (a streamed
+    model writes its shards itself: its blocks are not in memory)."""
     target = check_output_dir(out, overwrite)
     parent = target.absolute().parent
     try:
@@ -106,7 +109,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrit
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            write_weights(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / RECORD_NAME, record)
