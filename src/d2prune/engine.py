@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -257,13 +258,16 @@ class BlockSource:
         """Block ``i`` ready to run on ``device`` for the duration of a ``with``."""
         return on_device(self.blocks[i], device, self.compute_dtype)
 
-    def restore(self, i: int, tensors: dict[str, Tensor]) -> None:
-        """Replace block ``i``'s weights by ``tensors`` (names relative to the
-        block), e.g. a finished block read back from a resume checkpoint."""
-        block = self.blocks[i]
-        state = dict(block.named_parameters())
-        for name, t in tensors.items():
-            state[name].data = t.to(device=state[name].device, dtype=state[name].dtype)
+    def restore(self, i: int, shard: str | os.PathLike) -> None:
+        """Replace block ``i``'s weights by those saved in ``shard`` (a finished
+        block of an interrupted run; checkpoint names ``PREFIX.i.NAME``)."""
+        from safetensors.torch import load_file
+
+        prefix = f"{self.blocks.prefix}.{i}."
+        params = dict(self.blocks[i].named_parameters())
+        for name, t in load_file(str(shard)).items():
+            p = params[name.removeprefix(prefix)]
+            p.data = t.to(device=p.device, dtype=p.dtype)
 
 
 @contextlib.contextmanager

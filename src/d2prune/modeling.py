@@ -162,6 +162,15 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def compute_dtype_for(device: torch.device, storage: torch.dtype) -> torch.dtype | None:
+    """The dtype a block computes in: fp32 on a CPU for half-precision
+    checkpoints (CPU half kernels are slow and poorly supported); otherwise
+    the storage dtype (None = no cast), as the references compute on a GPU."""
+    if device.type == "cpu" and storage in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return None
+
+
 def default_seqlen(model, cap: int = 2048) -> int:
     """The model's context length, capped (never allocate 32k-128k buffers)."""
     n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or cap

@@ -1,0 +1,146 @@
+"""Crash-resume: a work folder beside ``--out`` that survives a kill.
+
+After every finished block the run writes, atomically (temporary file,
+fsync, rename), the block's pruned weights in their storage dtype
+(``block-00007.safetensors``) and then ``state.json`` (the next block, the
+report rows so far, the method's per-block choices, and the run's identity).
+Rerunning the same command finds the folder, checks that the identity is the
+same (model files, calibration tokens, configuration, library versions) and
+continues: the finished blocks' weights are put back and only run forward to
+recompute the activations of the next block (bit-identical, since the saved
+weights are exactly what the interrupted run propagated with; see
+:func:`d2prune.modeling.set_weight_matrix`). A successful run removes the folder.
+
+Nothing here deletes a folder the tool did not write: the work folder carries
+a marker file, and only a folder holding it is ever removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from torch import Tensor
+
+from .errors import D2PruneError
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "state.json"
+MARKER_NAME = ".d2prune-work"
+
+
+def tensor_digest(t: Tensor) -> str:
+    """sha256 of a tensor's bytes (calibration token ids: data, seed, tokenizer in one)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def files_digest(paths: list[Path]) -> str:
+    """Identity of model files without reading them: names, sizes, mtimes."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _no_space(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
+        t in str(e) for t in ("No space left", "os error 28", "File too large", "os error 27"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(e, Exception) and _no_space(e):
+            raise D2PruneError(f"no space left on device while writing the resume checkpoint {path}: free some space "
+                               "and rerun the same command to resume from the last finished block") from e
+        raise
+
+
+class WorkFolder:
+    """``.OUT.work/`` beside the output folder ``out``."""
+
+    def __init__(self, out: str | os.PathLike, identity: dict):
+        out = Path(out).expanduser().absolute()
+        self.path = out.parent / f".{out.name}.work"
+        self.identity = json.loads(json.dumps(identity, default=str))  # what state.json will compare against
+        self.state: dict = {}
+
+    # ------------------------------------------------------------------ start
+    def begin(self, n_blocks: int, restart: bool = False) -> int:
+        """Create the folder, or check an interrupted run's identity; returns
+        the first block left to prune."""
+        state_file = self.path / STATE_NAME
+        if self.path.exists() and restart:
+            self.remove()
+        if state_file.is_file():
+            try:
+                state = json.loads(state_file.read_text())
+            except ValueError as e:
+                raise D2PruneError(f"{state_file} is corrupt ({e}): rerun with --restart to start over") from e
+            diff = [k for k in sorted(set(self.identity) | set(state.get("identity", {})))
+                    if self.identity.get(k) != state.get("identity", {}).get(k)]
+            if diff:
+                raise D2PruneError(
+                    f"{self.path} holds an interrupted run with another {', '.join(diff)}: rerun its own command to "
+                    "resume it, or pass --restart to discard it"
+                )
+            self.state = state
+            start = int(state["next_block"])
+            if 0 < start < n_blocks:
+                log.info("resuming from block %d/%d (%d finished blocks in %s)", start + 1, n_blocks, start, self.path)
+            return start
+        if self.path.exists() and not (self.path / MARKER_NAME).is_file():
+            raise D2PruneError(f"{self.path} exists and was not written by d2prune: move it away or choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / MARKER_NAME).write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            raise D2PruneError(f"could not create the work folder {self.path}: {e.strerror or e}") from e
+        self.state = {"identity": self.identity, "next_block": 0, "n_blocks": n_blocks, "rows": [], "method": {}}
+        return 0
+
+    # ------------------------------------------------------------------ per block
+    def block_path(self, i: int, tag: str = "") -> Path:
+        return self.path / f"block{('-' + tag) if tag else ''}-{i:05d}.safetensors"
+
+    def write_block(self, i: int, tensors: dict[str, Tensor], tag: str = "") -> Path:
+        from safetensors.torch import save_file
+
+        path = self.block_path(i, tag)
+        _atomic_write(path, lambda p: save_file(tensors, str(p)))
+        return path
+
+    def read_block(self, i: int, tag: str = "") -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.block_path(i, tag)))
+
+    def commit(self, next_block: int, rows: list[dict], method_state: dict, extra: dict | None = None) -> None:
+        """Record that every block before ``next_block`` is finished."""
+        self.state.update({"next_block": next_block, "rows": rows, "method": method_state, **(extra or {})})
+        _atomic_write(self.path / STATE_NAME, lambda p: p.write_text(json.dumps(self.state, indent=1, default=str)))
+
+    # ------------------------------------------------------------------ end
+    def remove(self) -> None:
+        if (self.path / MARKER_NAME).is_file():
+            shutil.rmtree(self.path, ignore_errors=True)
+

@@ -1,0 +1,260 @@
+"""Models larger than host RAM: weights streamed block by block from disk.
+
+A safetensors checkpoint (one file or sharded with ``model.safetensors.index.json``)
+is opened without materialising it:
+
+* :func:`load_streamed` builds the module skeleton with every parameter on the
+  meta device (accelerate's ``init_empty_weights``; buffers such as rotary
+  ``inv_freq`` stay real), then loads only what is not in a decoder block
+  (embeddings, final norm, head: needed for every capture and evaluation).
+* :class:`StreamedBlocks` is the engine's block source: block ``i``'s tensors
+  are read (memory-mapped by safetensors) when its turn comes, cast to the
+  compute dtype on the device, and released back to the meta device when the
+  ``with`` ends. Host RAM holds one block at a time, whatever the depth.
+* :class:`ShardWriter` writes a finished model as an ordinary sharded
+  checkpoint (one shard per block + one for the rest, and the index) that
+  ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Tensor names are the skeleton's ``state_dict`` names; a checkpoint that names
+its tensors otherwise (transformers renames some legacy layouts on load) is
+refused with a one-line error pointing at the in-memory path (``--stream off``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .engine import BlockSource, place_params
+from .errors import D2PruneError
+from .modeling import STORAGE_DTYPE, Blocks, find_blocks
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class CheckpointReader:
+    """Tensor name -> file of a safetensors checkpoint; tensors are read one
+    at a time through ``safe_open`` (memory-mapped), never the whole file."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise D2PruneError(f"{index} is not a valid safetensors index (no weight_map): {e}") from e
+            self.files = {name: self.folder / f for name, f in weight_map.items()}
+        elif (self.folder / SINGLE_NAME).is_file():
+            from safetensors import safe_open
+
+            path = self.folder / SINGLE_NAME
+            with safe_open(str(path), "pt") as f:
+                self.files = {name: path for name in f.keys()}
+        else:
+            raise D2PruneError(f"{self.folder} has no {SINGLE_NAME} nor {INDEX_NAME}: streaming needs a safetensors checkpoint")
+        missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise D2PruneError(f"checkpoint shard {missing[0]} listed in {INDEX_NAME} is missing")
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(str(path), "pt")
+        return self._open[path]
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self._handle(self.files[name]).get_tensor(name)
+        except KeyError:
+            raise D2PruneError(f"tensor {name} is not in the checkpoint {self.folder}") from None
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        code = self._handle(self.files[name]).get_slice(name).get_dtype()
+        return _DTYPES.get(code, torch.float32)
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype most floating tensors are stored in."""
+        counts = Counter(self.dtype_of(n) for n in self.files)
+        return counts.most_common(1)[0][0]
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.files.values()))
+
+    def add(self, path: str | os.PathLike) -> None:
+        """Point every tensor of ``path`` (e.g. a finished pruned block) to it."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        self._open.pop(path, None)
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                self.files[name] = path
+
+
+# --------------------------------------------------------------------------- skeleton
+def _set_param(root: nn.Module, name: str, value: Tensor | nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    module._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+
+
+def _release(block: nn.Module) -> None:
+    """Give a block's memory back: every parameter returns to the meta device."""
+    for module in block.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and p.device.type != "meta":
+                module._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                        requires_grad=False)
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` parameter names tied by the model (lm_head -> embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return dict(keys) if isinstance(keys, dict) else {}
+
+
+def load_streamed(path: str, dtype: torch.dtype | None = None):
+    """``(model, tokenizer, reader)``: the skeleton of the checkpoint in ``path``
+    with its non-block weights loaded and every block on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    reader = CheckpointReader(path)
+    storage = dtype or reader.storage_dtype()
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=storage)
+    except Exception as e:
+        raise D2PruneError(f"could not build the model of {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    blocks = find_blocks(model)
+    tied = tied_parameters(model)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    unknown = [n for n in names if n not in reader and n not in tied]
+    if unknown:
+        raise D2PruneError(
+            f"{path}: the checkpoint does not name its tensors as {type(model).__name__} does (e.g. {unknown[0]} is "
+            "missing): load it in memory with --stream off"
+        )
+    for name in names:
+        if name.startswith(blocks.prefix + ".") or name in tied:
+            continue
+        _set_param(model, name, reader.get(name).to(storage))
+    for target, src in tied.items():
+        _set_param(model, target, model.get_parameter(src))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:
+        raise D2PruneError(f"could not load the tokenizer of {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    model.eval()
+    return model, tok, reader
+
+
+class StreamedBlocks(BlockSource):
+    """Block source reading each block from the checkpoint when it is opened
+    and releasing it (back to the meta device) when it is closed."""
+
+    def __init__(self, blocks: Blocks, reader: CheckpointReader, compute_dtype: torch.dtype | None = None):
+        super().__init__(blocks, compute_dtype)
+        self.reader = reader
+
+    def names(self, i: int) -> dict[str, str]:
+        """``{name in block: name in checkpoint}`` for block ``i``."""
+        return {n: f"{self.blocks.prefix}.{i}.{n}" for n, _ in self.blocks[i].named_parameters()}
+
+    @contextlib.contextmanager
+    def open(self, i: int, device: torch.device) -> Iterator[nn.Module]:
+        block = self.blocks[i]
+        try:
+            for local, full in self.names(i).items():
+                ref = block.get_parameter(local)
+                _set_param(block, local, self.reader.get(full).to(ref.dtype))
+            placed = place_params(block, device, self.compute_dtype)
+            try:
+                yield block
+            finally:
+                placed.restore()
+        finally:
+            _release(block)
+
+    def restore(self, i: int, shard: str | os.PathLike) -> None:
+        """Block ``i`` is read from ``shard`` from now on (a finished block)."""
+        self.reader.add(shard)
+
+
+def block_tensors(block: nn.Module, prefix: str) -> dict[str, Tensor]:
+    """A block's parameters by checkpoint name (``prefix`` = ``model.layers.7``),
+    on the CPU, in their storage dtype, contiguous (as safetensors wants)."""
+    return {f"{prefix}.{name}": p.detach().to(device="cpu", dtype=getattr(p, STORAGE_DTYPE, p.dtype)).contiguous()
+            for name, p in block.named_parameters()}
+
+
+def shard_name(k: int, total: int) -> str:
+    return f"model-{k:05d}-of-{total:05d}.safetensors"
+
+
+def write_sharded(model: nn.Module, block_shards: list[Path], folder: str | os.PathLike,
+                  storage: torch.dtype) -> None:
+    """Write ``model`` into ``folder`` as an ordinary sharded checkpoint: shard 1
+    holds everything outside the blocks (from memory), shard ``i + 2`` is block
+    ``i`` (``block_shards[i]``, already written; hard-linked when possible, so no
+    block passes through RAM again), plus ``model.safetensors.index.json`` and
+    the config (``dtype`` = the storage dtype; no ``auto_map``)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    blocks = find_blocks(model)
+    total = len(block_shards) + 1
+    tied = tied_parameters(model)
+    rest = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters(remove_duplicate=False)
+            if not n.startswith(blocks.prefix + ".") and n not in tied}
+    weight_map = {n: shard_name(1, total) for n in rest}
+    size = sum(t.numel() * t.element_size() for t in rest.values())
+    save_file(rest, str(folder / shard_name(1, total)), metadata={"format": "pt"})
+    for i, src in enumerate(block_shards):
+        dst = folder / shard_name(i + 2, total)
+        try:
+            os.link(src, dst)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, dst)
+        with safe_open(str(dst), "pt") as f:
+            for name in f.keys():
+                weight_map[name] = dst.name
+                sl = f.get_slice(name)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                size += n * torch.empty((), dtype=_DTYPES.get(sl.get_dtype(), torch.float32)).element_size()
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))},
+                                                indent=2) + "\n")
+    config = model.config
+    config.dtype = storage
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config.save_pretrained(folder)
+        except Exception:  # pragma: no cover - an invalid generation config is not ours to fix
+            log.warning("generation_config not saved")
