@@ -258,6 +258,9 @@ class BlockSource:
         """Block ``i`` ready to run on ``device`` for the duration of a ``with``."""
         return on_device(self.blocks[i], device, self.compute_dtype)
 
+    def saved(self, i: int, shard: str | os.PathLike) -> None:
+        """Block ``i`` is finished and saved in ``shard`` (its weights here are already the pruned ones)."""
+
     def restore(self, i: int, shard: str | os.PathLike) -> None:
         """Replace block ``i``'s weights by those saved in ``shard`` (a finished
         block of an interrupted run; checkpoint names ``PREFIX.i.NAME``)."""

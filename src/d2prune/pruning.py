@@ -20,10 +20,13 @@ from torch import Tensor, nn
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .config import PruneConfig, Sparsity, to_dict
-from .engine import BlockInputs, check_finite, forward_hooks, propagate, run_block, sequential
+from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, propagate, run_block, sequential
 from .errors import D2PruneError
 from .methods.base import LayerPruner, build_method
-from .modeling import find_blocks, find_prunable, in_features, pick_device, set_weight_matrix, weight_matrix
+from .modeling import (compute_dtype_for, find_blocks, find_prunable, in_features, pick_device, set_weight_matrix,
+                       weight_matrix)
+from .resume import WorkFolder
+from .streaming import block_tensors
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -195,13 +198,18 @@ def prune_layers(layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], s
     return rows
 
 
-def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None = None) -> PruneReport:
+def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None = None,
+          source: BlockSource | None = None, work: WorkFolder | None = None) -> PruneReport:
     """Prune every Linear of the model's decoder blocks, in place.
 
     ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.data.sample_calibration`).
     ``heldout``: ``[H, L]`` token ids of text not used for calibration, needed
     only by searches that score candidates (D²Prune ``frozen="auto"``).
     Returns a :class:`PruneReport` with one row per layer.
+    ``source``: where the blocks come from and the dtype they compute in
+    (default: the model's own modules; fp32 compute for a half-precision model
+    on a CPU). ``work``: a resume folder: every finished block is saved there
+    and a rerun continues after the last one (see :mod:`d2prune.resume`).
 
     >>> from d2prune import PruneConfig, load_model, prune, sample_calibration, read_texts
     >>> model, tok, _ = load_model("../shared/models/stories260K")                # doctest: +SKIP
@@ -217,7 +225,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     t_start = time.perf_counter()
     device = pick_device(config.device)
     sparsity: Sparsity = config.sparsity  # type: ignore[assignment]
-    blocks = find_blocks(model)
+    blocks = source.blocks if source is not None else find_blocks(model)
+    if source is None:
+        source = BlockSource(blocks, compute_dtype_for(device, next(model.parameters()).dtype))
     validate_pattern(model, sparsity, getattr(config.method, "blocksize", None))
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
     report = PruneReport(config=to_dict(config))
@@ -249,7 +259,20 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
         propagate(block, i, inputs)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 
-    sequential(model, calibration, device, step, desc="block", blocks=blocks)
+    start, after = 0, None
+    if work is not None and sparsity.ratio > 0:
+        start = work.begin(len(blocks))
+        for i in range(start):
+            source.restore(i, work.block_path(i))
+        report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in work.state["rows"])
+        method.load_state(work.state["method"])
+
+        def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            work.write_block(i, block_tensors(block, f"{blocks.prefix}.{i}"))
+            source.saved(i, work.block_path(i))  # a streamed model reads its pruned block back from there
+            work.commit(i + 1, [to_dict(r) for r in report.layers], method.state())
+
+    sequential(model, calibration, device, step, desc="block", blocks=blocks, source=source, start=start, after=after)
     report.seconds = time.perf_counter() - t_start
     report.calib_forward_seconds = timers["calib"]
     report.method = method.summary()

@@ -201,6 +201,8 @@ class StreamedBlocks(BlockSource):
         """Block ``i`` is read from ``shard`` from now on (a finished block)."""
         self.reader.add(shard)
 
+    saved = restore
+
 
 def block_tensors(block: nn.Module, prefix: str) -> dict[str, Tensor]:
     """A block's parameters by checkpoint name (``prefix`` = ``model.layers.7``),

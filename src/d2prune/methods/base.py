@@ -73,6 +73,14 @@ class Method:
         """Extra facts for d2prune.json (choices made during the run)."""
         return {}
 
+    def state(self) -> dict:
+        """Per-block choices made so far, as JSON (saved after every block for
+        crash-resume); :meth:`load_state` puts them back."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned (a resumed run)."""
+
 
 REGISTRY: dict[type[MethodConfig], type[Method]] = {}
 

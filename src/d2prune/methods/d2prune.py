@@ -302,6 +302,14 @@ class D2Prune(Method):
             for role, rows in parts
         ])
 
+    def state(self):
+        return {"block_frozen": {str(k): list(v) for k, v in self.block_frozen.items()},
+                "outlier_ratios": {str(k): v for k, v in self.outlier_ratios.items()}}
+
+    def load_state(self, state):
+        self.block_frozen.update({int(k): tuple(v) for k, v in state.get("block_frozen", {}).items()})
+        self.outlier_ratios.update({int(k): v for k, v in state.get("outlier_ratios", {}).items()})
+
     def summary(self):
         out = {"variant": self.config.variant, "frozen": self.config.frozen,
                "frozen_per_block": {str(k): list(v) for k, v in sorted(self.block_frozen.items())}}
