@@ -33,7 +33,9 @@ def _assert_clean_failure(rc, err, out, match):
     assert len(lines) == 1 and lines[0].startswith("d2prune: error: "), err
     assert match in lines[0], lines[0]
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary folder left behind"
+    # the resume work folder (.out.work) is kept on purpose: rerunning the command resumes from it
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and p.name != f".{out.name}.work"], \
+        "temporary folder left behind"
 
 
 def test_good_run_writes_everything(tmp_path, capsys):
@@ -160,7 +162,7 @@ def test_overwrite_failure_keeps_previous_output(tmp_path, capsys, monkeypatch):
     rc, err, _ = _run(tmp_path, capsys, "--overwrite")
     assert rc == 2 and len(err.splitlines()) == 1 and "could not write" in err
     assert (out / "keep.txt").read_text() == "x"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.work"]
 
 
 @pytest.fixture

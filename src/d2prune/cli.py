@@ -26,10 +26,21 @@ def _int_or_none(v: str) -> int | None:
     return None if v.lower() in ("none", "all") else int(v)
 
 
+def _seqlen(v: str) -> int | str:
+    if v.lower() == "max":
+        return "max"
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid --seqlen {v!r}: give a number of tokens or max") from None
+
+
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
-    g.add_argument("--seqlen", type=int, default=None, help="tokens per sample / eval window (default: model context, max 2048)")
+    g.add_argument("--seqlen", type=_seqlen, default=None,
+                   help="tokens per sample / eval window (default: model context, max 2048; 'max': the full context, "
+                        "as the D2Prune and Wanda papers)")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     g.add_argument("--calib-file", default=None, help="local C4 .jsonl[.gz] (field 'text'); default: the hub shard via datasets")
     g.add_argument("--eval-file", default=None, help="local WikiText-2 test .jsonl or .raw; default: the hub via datasets")
@@ -93,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print the d2prune.json record on stdout")
+    s = p.add_argument_group("scale")
+    s.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="read the blocks from a safetensors checkpoint one at a time instead of loading the model "
+                        "(auto: when it is larger than half the available RAM)")
+    s.add_argument("--restart", action="store_true",
+                   help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
 
     e = sub.add_parser("eval", help="zero-shot accuracy (lm-eval-harness, offline task data) and optionally perplexity")
     add_model_flags(e)
@@ -180,7 +197,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval)
     zs = zeroshot_options(args) if args.zero_shot else None
-    record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs)
+    record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs, stream=args.stream,
+                 restart=args.restart)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .engine import sequential_logits
+from .engine import BlockSource, sequential_logits
 from .errors import D2PruneError
 from .modeling import pick_device
 
@@ -46,12 +46,15 @@ def window_nll(logits: Tensor, ids: Tensor) -> float:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, dataset: str = "wikitext2", max_windows: int | None = None,
-               device: str | torch.device | None = None, sequential: bool | None = None) -> PerplexityResult:
+               device: str | torch.device | None = None, sequential: bool | None = None,
+               source: BlockSource | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows`` (``[W, seqlen]`` token ids).
 
     ``sequential=None`` runs the whole model on ``device`` when it is already
     there (or the device is the CPU), else block by block through the engine
     (the model stays in CPU memory; one block at a time on the accelerator).
+    A ``source`` whose blocks are streamed from disk, or compute in another
+    dtype than they are stored in, always goes block by block through it.
     """
     if max_windows is not None and max_windows < 1:
         raise D2PruneError(f"--eval-windows {max_windows} must be >= 1")
@@ -59,12 +62,14 @@ def perplexity(model: nn.Module, windows: Tensor, dataset: str = "wikitext2", ma
     use = windows[: max_windows] if max_windows else windows
     dev = device if isinstance(device, torch.device) else pick_device(device)
     param = next(model.parameters())
+    if source is not None and (source.compute_dtype is not None or type(source) is not BlockSource):
+        sequential = True
     if sequential is None:
         sequential = not (dev.type == "cpu" or param.device == dev)
     model.eval()
     nlls = []
     if sequential:
-        sequential_logits(model, use, dev, lambda j, logits: nlls.append(window_nll(logits, use[j:j + 1])))
+        sequential_logits(model, use, dev, lambda j, logits: nlls.append(window_nll(logits, use[j:j + 1])), source)
     else:
         for j in tqdm(range(use.shape[0]), desc=f"ppl {dataset}", leave=False, disable=None):
             ids = use[j:j + 1].to(param.device)

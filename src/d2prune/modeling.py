@@ -171,10 +171,15 @@ def compute_dtype_for(device: torch.device, storage: torch.dtype) -> torch.dtype
     return None
 
 
-def default_seqlen(model, cap: int = 2048) -> int:
-    """The model's context length, capped (never allocate 32k-128k buffers)."""
-    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or cap
-    return int(min(n, cap))
+def default_seqlen(model, cap: int | None = 2048) -> int:
+    """The model's context length, capped (never allocate 32k-128k buffers by
+    default); ``cap=None``: the full context (``--seqlen max``)."""
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if n is None:
+        if cap is None:
+            raise D2PruneError("--seqlen max: the model's config gives no context length; pass --seqlen N")
+        return cap
+    return int(n if cap is None else min(n, cap))
 
 
 def check_seqlen(model, seqlen: int) -> None:

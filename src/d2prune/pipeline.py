@@ -6,8 +6,10 @@ evaluate -> save. The CLI (:mod:`d2prune.cli`) only parses flags into
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,10 @@ from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
 from .modeling import check_seqlen, default_seqlen, load_model, pick_device
 from .pruning import PruneReport, prune
-from .save import check_output_dir, library_versions, save_pruned
+from .budget import check_fits, estimate
+from .resume import WorkFolder, files_digest, tensor_digest
+from .save import RECORD_NAME, check_output_dir, library_versions, save_pruned
+from .streaming import available_ram, open_model, write_sharded
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ class DataConfig:
 
     calib_file: str | None = None
     nsamples: int = 128
-    seqlen: int | None = None
+    seqlen: int | str | None = None
     seed: int = 0
     eval_file: str | None = None
     c4_eval_file: str | None = None
@@ -43,8 +48,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.nsamples, int) and self.nsamples > 0):
             raise D2PruneError(f"--nsamples {self.nsamples!r} must be a positive integer (the paper uses 128)")
-        if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen > 1):
-            raise D2PruneError(f"--seqlen {self.seqlen!r} must be an integer > 1")
+        if self.seqlen is not None and self.seqlen != "max" and not (isinstance(self.seqlen, int) and self.seqlen > 1):
+            raise D2PruneError(f"--seqlen {self.seqlen!r} must be an integer > 1 or max")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise D2PruneError(f"--eval-windows {self.eval_windows} must be >= 1")
         if not (isinstance(self.heldout_windows, int) and self.heldout_windows >= 1):
@@ -73,22 +78,28 @@ def eval_texts(data: DataConfig) -> dict[str, str]:
 
 
 def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
-                 texts: dict[str, str] | None = None) -> dict[str, PerplexityResult]:
+                 texts: dict[str, str] | None = None, source=None) -> dict[str, PerplexityResult]:
     """Perplexity on each of :func:`eval_texts`."""
     out = {}
     for name, text in (texts if texts is not None else eval_texts(data)).items():
         windows = eval_windows(tokenizer, text, seqlen)
         if name == "c4":  # SparseGPT protocol: the first 256 windows of the joined validation text
             windows = windows[:C4_EVAL_WINDOWS]
-        out[name] = perplexity(model, windows, name, data.eval_windows, device)
+        out[name] = perplexity(model, windows, name, data.eval_windows, device, source=source)
         log.info("%s", out[name])
     return out
 
 
 def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str | None = None,
-        overwrite: bool = False, dtype: str = "auto", zero_shot: dict | None = None) -> dict:
+        overwrite: bool = False, dtype: str = "auto", zero_shot: dict | None = None, stream: str = "auto",
+        restart: bool = False, offload: str | None = None) -> dict:
     """Prune ``model_name`` with ``config`` and return the d2prune.json record
-    (also written to ``out`` with the model, when given)."""
+    (also written to ``out`` with the model, when given).
+
+    ``stream``: read the blocks from disk one at a time (``on``), load the
+    model in memory (``off``) or decide from its size (``auto``). With ``out``
+    every finished block is saved in a work folder beside it, and the same
+    command resumes an interrupted run (``restart`` discards it instead)."""
     t0 = time.perf_counter()
     # everything that can be checked is checked before the (long) prune
     if out is not None:
@@ -98,19 +109,66 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
 
         check_zero_shot(**zero_shot)
     texts = eval_texts(data) if data.evaluate else {}
-    model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, config.device))
-    seqlen = data.seqlen or default_seqlen(model)
+    device = pick_device(config.device)
+    opened = open_model(model_name, dtype, device, stream)
+    model, tokenizer = opened.model, opened.tokenizer
+    if zero_shot is not None and opened.streamed:
+        raise D2PruneError("zero-shot evaluation needs the whole model in memory: drop --zero-shot (evaluate the "
+                           "saved folder with d2prune eval where it fits) or use --stream off")
+    seqlen = seqlen_for(model, data.seqlen)
     check_seqlen(model, seqlen)
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
-    report: PruneReport = prune(model, config, calib, heldout)
-    results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, texts) if data.evaluate else {}
-    zs = None
-    if zero_shot is not None:
-        from .zeroshot import evaluate_zero_shot
+    budget = estimate(opened, calib.shape[0] + (0 if heldout is None else heldout.shape[0]), seqlen, device,
+                      config.layer_error or config.method.name in ("sparsegpt", "d2prune"),
+                      3 if needs_heldout(config) else 1, offload)
+    check_fits(budget, device, out, available_ram(), opened.streamed)
+    work = None
+    if out is not None or opened.streamed:
+        identity = {"model": opened.description, "model_files": files_digest(opened.files) if opened.files else "",
+                    "config": to_dict(config), "calibration": tensor_digest(calib),
+                    "heldout": tensor_digest(heldout) if heldout is not None else "",
+                    "dtype": str(opened.storage_dtype), "compute_dtype": str(opened.source.compute_dtype),
+                    "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
+        work = WorkFolder(out if out is not None else Path(tempfile.mkdtemp(prefix="d2prune-")) / "model", identity,
+                          restart)
+    try:
+        report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work)
+        results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, texts, opened.source) if data.evaluate else {}
+        zs = None
+        if zero_shot is not None:
+            from .zeroshot import evaluate_zero_shot
 
-        zs = evaluate_zero_shot(model, tokenizer, device=config.device, **zero_shot).to_dict()
-    record = {
-        "model": source.describe(),
+            zs = evaluate_zero_shot(model, tokenizer, device=config.device, **zero_shot).to_dict()
+        record = _record(opened, config, data, seqlen, report, results, zs, budget)
+        record["total_seconds"] = time.perf_counter() - t0
+        if out is not None:
+            writer = None
+            if opened.streamed:
+                shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
+                writer = lambda folder: write_sharded(model, shards, folder, opened.storage_dtype)  # noqa: E731
+            path = save_pruned(model, tokenizer, out, record, overwrite, write_weights=writer)
+            log.info("saved pruned model to %s", path)
+    except BaseException:
+        if work is not None and out is None:  # a temporary work folder cannot be resumed: nothing to keep
+            work.remove()
+        raise  # with --out the work folder stays: the same command resumes
+    if work is not None:
+        work.remove()
+    return record
+
+
+def seqlen_for(model, seqlen: int | str | None) -> int:
+    """``None``: the model's context capped at 2048 (SparseGPT's protocol);
+    ``"max"``: the full ``max_position_embeddings`` (the authors' and Wanda's)."""
+    if seqlen == "max":
+        return default_seqlen(model, cap=None)
+    return seqlen or default_seqlen(model)
+
+
+def _record(opened, config: PruneConfig, data: DataConfig, seqlen: int, report: PruneReport, results: dict, zs,
+            budget) -> dict:
+    return {
+        "model": opened.description,
         "config": to_dict(config),
         "data": {**asdict(data), "seqlen": seqlen},
         "versions": library_versions(),
@@ -120,12 +178,10 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         "layers": [to_dict(r) for r in report.layers],
         "evaluation": {k: asdict(v) for k, v in results.items()},
         "zero_shot": zs,
+        "memory": {"streamed": opened.streamed, "storage_dtype": str(opened.storage_dtype).removeprefix("torch."),
+                   "compute_dtype": str(opened.source.compute_dtype or opened.storage_dtype).removeprefix("torch."),
+                   "estimate": budget.to_dict(), "resumed_from_block": report.resumed_from},
     }
-    record["total_seconds"] = time.perf_counter() - t0
-    if out is not None:
-        path = save_pruned(model, tokenizer, out, record, overwrite)
-        log.info("saved pruned model to %s", path)
-    return record
 
 
 def resolve_dtype(dtype: str, device: str | None) -> str:

@@ -49,6 +49,7 @@ class PruneReport:
     seconds: float = 0.0
     calib_forward_seconds: float = 0.0
     method: dict = field(default_factory=dict)
+    resumed_from: int = 0  # first block pruned by this call (> 0: an interrupted run was resumed)
 
     @property
     def sparsity(self) -> float:
@@ -261,7 +262,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
 
     start, after = 0, None
     if work is not None and sparsity.ratio > 0:
-        start = work.begin(len(blocks))
+        start = report.resumed_from = work.begin(len(blocks))
         for i in range(start):
             source.restore(i, work.block_path(i))
         report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in work.state["rows"])

@@ -78,18 +78,19 @@ def _atomic_write(path: Path, write) -> None:
 class WorkFolder:
     """``.OUT.work/`` beside the output folder ``out``."""
 
-    def __init__(self, out: str | os.PathLike, identity: dict):
+    def __init__(self, out: str | os.PathLike, identity: dict, restart: bool = False):
         out = Path(out).expanduser().absolute()
+        self.restart = restart
         self.path = out.parent / f".{out.name}.work"
         self.identity = json.loads(json.dumps(identity, default=str))  # what state.json will compare against
         self.state: dict = {}
 
     # ------------------------------------------------------------------ start
-    def begin(self, n_blocks: int, restart: bool = False) -> int:
+    def begin(self, n_blocks: int) -> int:
         """Create the folder, or check an interrupted run's identity; returns
         the first block left to prune."""
         state_file = self.path / STATE_NAME
-        if self.path.exists() and restart:
+        if self.path.exists() and self.restart:
             self.remove()
         if state_file.is_file():
             try:

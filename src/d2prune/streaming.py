@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from .engine import BlockSource, place_params
 from .errors import D2PruneError
-from .modeling import STORAGE_DTYPE, Blocks, find_blocks
+from .modeling import STORAGE_DTYPE, Blocks, compute_dtype_for, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +261,89 @@ def write_sharded(model: nn.Module, block_shards: list[Path], folder: str | os.P
             model.generation_config.save_pretrained(folder)
         except Exception:  # pragma: no cover - an invalid generation config is not ours to fix
             log.warning("generation_config not saved")
+
+
+# --------------------------------------------------------------------------- choosing the path
+STREAM_CHOICES = ("auto", "on", "off")
+STREAM_RAM_SHARE = 0.5  # --stream auto streams a checkpoint larger than this share of the available RAM
+
+
+@dataclass
+class OpenedModel:
+    """A model ready for the engine: in memory, or a skeleton whose blocks are
+    streamed from ``reader``. ``source`` is the engine's block source."""
+
+    model: nn.Module
+    tokenizer: object
+    description: str
+    source: BlockSource
+    storage_dtype: torch.dtype
+    reader: CheckpointReader | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def streamed(self) -> bool:
+        return self.reader is not None
+
+
+def available_ram() -> int:
+    """MemAvailable of /proc/meminfo in bytes (total RAM elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.device, stream: str = "auto") -> OpenedModel:
+    """Open ``--model`` for pruning: streamed from disk (``stream="on"``, or
+    ``"auto"`` when the safetensors checkpoint is larger than half the
+    available RAM), else loaded in memory. Storage dtype: the checkpoint's
+    (``dtype="auto"``) or the one asked for; blocks compute in fp32 on a CPU
+    when stored in half precision (:func:`d2prune.modeling.compute_dtype_for`)."""
+    from .modeling import _dtype, load_model, resolve_source
+
+    if stream not in STREAM_CHOICES:
+        raise D2PruneError(f"--stream {stream!r} is not valid: use {', '.join(STREAM_CHOICES)}")
+    src = resolve_source(name)
+    folder = Path(src.path)
+    if stream != "off" and not src.is_local and not src.gguf_file:
+        folder = Path(download_safetensors(src.path))
+    files = _safetensors_files(folder) if (folder.is_dir() and not src.gguf_file) else []
+    if stream == "on" and not files:
+        raise D2PruneError(f"--stream on needs a safetensors checkpoint; {src.describe()} has none "
+                           "(GGUF files are de-quantised in memory): use --stream off")
+    want = _dtype(dtype)
+    if stream == "auto":
+        size = sum(f.stat().st_size for f in files)
+        stream = "on" if files and size > STREAM_RAM_SHARE * available_ram() else "off"
+        if stream == "on":
+            log.info("the checkpoint (%.1f GB) is larger than half the available RAM: streaming its blocks from disk",
+                     size / 1e9)
+    if stream == "on":
+        model, tok, reader = load_streamed(str(folder), None if want == "auto" else want)
+        storage = next(model.parameters()).dtype
+        source = StreamedBlocks(find_blocks(model), reader, compute_dtype_for(device, storage))
+        return OpenedModel(model, tok, src.describe(), source, storage, reader, files)
+    model, tok, _ = load_model(name, dtype=want)
+    storage = next(model.parameters()).dtype
+    return OpenedModel(model, tok, src.describe(), BlockSource(find_blocks(model), compute_dtype_for(device, storage)),
+                       storage, None, files)
+
+
+def download_safetensors(repo: str) -> str:
+    """A hub checkpoint's config, tokenizer and safetensors files, downloaded
+    (or found in the local cache) without loading them; returns the folder."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as e:
+        raise D2PruneError(f"could not download {repo} from the HuggingFace hub: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e

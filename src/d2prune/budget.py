@@ -1,0 +1,98 @@
+"""What a run will need, estimated before it starts (host RAM, device memory,
+scratch disk), so a run that cannot fit is refused in seconds with the flag
+that would make it fit, instead of dying after hours.
+
+The estimate follows the engine's memory model: the weights at rest (the
+whole model in memory, or only embeddings / norm / head when streamed), one
+block open in its compute dtype, the statistics of its widest input (a
+Hessian and its inverse factor, fp32: d_in^2 * 4 bytes each), a few fp32
+copies of its largest weight matrix, and the activation buffer(s) of
+``samples x seqlen x hidden`` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import D2PruneError
+from .modeling import find_prunable, in_features, weight_matrix
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+
+
+def _nbytes(params, dtype: torch.dtype | None = None) -> int:
+    return sum(p.numel() * (torch.empty((), dtype=dtype or p.dtype).element_size()) for p in params)
+
+
+@dataclass
+class Budget:
+    host_ram: int
+    device_memory: int
+    scratch_disk: int
+    activations: int
+
+    def to_dict(self) -> dict:
+        return {k: round(v / GB, 3) for k, v in vars(self).items()} | {"unit": "GB"}
+
+
+def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: bool, activation_buffers: int = 1,
+             offload: str | None = None) -> Budget:
+    """Peak needs of pruning ``opened`` (a :class:`d2prune.streaming.OpenedModel`)."""
+    model, blocks = opened.model, opened.source.blocks
+    compute = opened.source.compute_dtype or opened.storage_dtype
+    c_bytes = torch.empty((), dtype=compute).element_size()
+    block0 = blocks[0]
+    block_params = list(block0.parameters())
+    block_storage = _nbytes(block_params)
+    block_compute = _nbytes(block_params, compute)
+    layers = find_prunable(block0)
+    widest = max((in_features(m) for m in layers.values()), default=0)
+    largest = max((weight_matrix(m).numel() if m.weight.device.type != "meta" else m.weight.numel()
+                   for m in layers.values()), default=0)
+    stats = (2 * widest * widest * 4 if hessian else 0) + 3 * largest * 4
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    acts = activation_buffers * samples * seqlen * hidden * c_bytes
+    all_params = list(model.parameters())
+    model_bytes = _nbytes(all_params) if not opened.streamed else (
+        _nbytes([p for p in all_params if p.device.type != "meta"]) + block_storage * len(blocks))
+    resident = _nbytes([p for p in all_params if p.device.type != "meta"]) if opened.streamed else model_bytes
+    on_cpu = device.type == "cpu"
+    host = resident + block_storage + (block_compute if on_cpu else 0) + (stats if on_cpu else 0)
+    host += acts if (on_cpu or offload == "cpu") else 0
+    dev = 0 if on_cpu else block_compute + stats + (0 if offload else acts) + _nbytes(
+        [p for p in all_params if p.device.type != "meta" and p not in set(block_params)], compute)
+    disk = model_bytes + (acts if offload == "disk" else 0)
+    return Budget(int(host), int(dev), int(disk), int(acts))
+
+
+def check_fits(budget: Budget, device: torch.device, scratch: str | Path | None, available_ram: int,
+               streamed: bool) -> None:
+    """Log the estimate; refuse (one line, naming the flag) when it cannot fit."""
+    log.info("estimated peak: host RAM %.2f GB (%.2f GB available), device %.2f GB, scratch disk %.2f GB "
+             "(activations %.2f GB)", budget.host_ram / GB, available_ram / GB, budget.device_memory / GB,
+             budget.scratch_disk / GB, budget.activations / GB)
+    if budget.host_ram > available_ram:
+        hint = "--offload-activations disk, fewer --nsamples or a smaller --seqlen" if streamed else \
+            "--stream on (blocks read from disk one at a time), fewer --nsamples or a smaller --seqlen"
+        raise D2PruneError(f"this run needs about {budget.host_ram / GB:.1f} GB of host RAM but {available_ram / GB:.1f} GB "
+                           f"are available: use {hint}")
+    if device.type == "cuda" and budget.device_memory:
+        free, _ = torch.cuda.mem_get_info(device)
+        if budget.device_memory > free:
+            raise D2PruneError(f"this run needs about {budget.device_memory / GB:.1f} GB on {device} but {free / GB:.1f} GB "
+                               "are free: use --offload-activations cpu, fewer --nsamples or a smaller --seqlen")
+    if scratch is not None:
+        parent = Path(scratch).expanduser().absolute()
+        while not parent.exists():
+            parent = parent.parent
+        free_disk = shutil.disk_usage(parent).free
+        if budget.scratch_disk > free_disk:
+            raise D2PruneError(f"this run writes about {budget.scratch_disk / GB:.1f} GB beside {scratch} but only "
+                               f"{free_disk / GB:.1f} GB are free there: free some space or choose another --out")
