@@ -111,6 +111,11 @@ class BlockInputs:
     calls: list[list[BlockCall]]
     output_is_tuple: bool = False
     tuple_extras: tuple = field(default_factory=tuple)
+    store: "ActivationStore | None" = None
+
+    def new_buffer(self) -> Tensor:
+        """Another buffer like ``hidden``, where the run keeps its activations."""
+        return self.store.empty_like(self.hidden) if self.store is not None else torch.empty_like(self.hidden)
 
 
 def _store(obj: Any, prev: Any, memo: dict, device: torch.device) -> Any:
@@ -137,10 +142,12 @@ def _store(obj: Any, prev: Any, memo: dict, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.device,
-                         blocks: Blocks | None = None, compute_dtype: torch.dtype | None = None) -> BlockInputs:
+                         blocks: Blocks | None = None, compute_dtype: torch.dtype | None = None,
+                         store: ActivationStore | None = None) -> BlockInputs:
     """Run ``input_ids`` (``[N, L]``, one sample per forward, as the references
     do) through the model with stubbed blocks; return every block's inputs."""
     blocks = blocks or find_blocks(model)
+    store = store or ActivationStore()
     n_blocks, nsamples = len(blocks), input_ids.shape[0]
     calls: list[list[BlockCall]] = [[] for _ in range(n_blocks)]
     state: dict[str, Any] = {"hidden": None, "j": 0, "memo": {}}
@@ -149,7 +156,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
         hidden, rest, kw = _hidden_of(args, kwargs)
         if i == 0:
             if state["hidden"] is None:
-                state["hidden"] = torch.empty((nsamples, *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                state["hidden"] = store.empty((nsamples, *hidden.shape[1:]), hidden.dtype, device)
             state["hidden"][state["j"]] = hidden[0].to(device)
         prev = calls[i][-1] if calls[i] else None
         memo = state["memo"]
@@ -176,12 +183,16 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
             model.config.use_cache = use_cache
     if state["hidden"] is None:
         raise D2PruneError(f"{type(model).__name__} never called its decoder blocks with hidden states")
-    return BlockInputs(state["hidden"], calls)
+    return BlockInputs(state["hidden"], calls, store=store)
 
 
 def run_block(block: nn.Module, hidden: Tensor, call: BlockCall, inputs: BlockInputs | None = None) -> Tensor:
     """One block forward for one sample (``hidden``: ``[1, L, d]``); returns the
-    new hidden states whether the block returns a tensor or a tuple."""
+    new hidden states whether the block returns a tensor or a tuple. An
+    offloaded sample is moved to the block's device first."""
+    p = next(block.parameters(), None)
+    if p is not None and hidden.device != p.device:
+        hidden = hidden.to(p.device, non_blocking=True)
     out = block(hidden, *call.args, **call.kwargs)
     if isinstance(out, tuple):
         if inputs is not None and not inputs.output_is_tuple:
@@ -244,15 +255,53 @@ def on_device(module: nn.Module, device: torch.device, compute_dtype: torch.dtyp
         placed.restore()
 
 
+OFFLOAD_CHOICES = ("cpu", "disk")
+
+
+class ActivationStore:
+    """Where the calibration activations (``[N, L, d]`` per buffer) live:
+    on the compute device (``None``), in host RAM (``"cpu"``), or in files
+    memory-mapped from ``folder`` (``"disk"``: the page cache holds what is
+    in use, the OS writes the rest back). Samples stream through the device
+    one at a time either way (:func:`run_block` moves them)."""
+
+    def __init__(self, kind: str | None = None, folder: str | os.PathLike | None = None):
+        if kind not in (None, *OFFLOAD_CHOICES):
+            raise D2PruneError(f"--offload-activations {kind!r} is not valid: use {' or '.join(OFFLOAD_CHOICES)}")
+        if kind == "disk" and folder is None:
+            raise D2PruneError("--offload-activations disk needs a folder for its files")
+        self.kind, self.folder, self.count = kind, folder, 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.kind is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        if self.kind == "cpu":
+            return torch.empty(shape, dtype=dtype, device="cpu")
+        numel = 1
+        for d in shape:
+            numel *= d
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"activations-{self.count}.bin")
+        self.count += 1
+        with open(path, "wb") as f:  # a sparse file of the right size; from_file maps it
+            f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+        return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+
+    def empty_like(self, t: Tensor) -> Tensor:
+        return self.empty(tuple(t.shape), t.dtype, t.device)
+
+
 class BlockSource:
     """Where the blocks' weights live between their turns, and the dtype they
     compute in. This one: the model's own modules (host RAM, or wherever the
     model is); :class:`d2prune.streaming.StreamedBlocks` reads each block from
     a checkpoint on disk instead. ``compute_dtype=None`` computes in the
-    storage dtype."""
+    storage dtype. ``activations``: where the activation buffers live."""
 
-    def __init__(self, blocks: Blocks, compute_dtype: torch.dtype | None = None):
+    def __init__(self, blocks: Blocks, compute_dtype: torch.dtype | None = None,
+                 activations: ActivationStore | None = None):
         self.blocks, self.compute_dtype = blocks, compute_dtype
+        self.activations = activations or ActivationStore()
 
     def open(self, i: int, device: torch.device) -> contextlib.AbstractContextManager[nn.Module]:
         """Block ``i`` ready to run on ``device`` for the duration of a ``with``."""
@@ -310,7 +359,7 @@ def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: 
     blocks = blocks or find_blocks(model)
     source = source or BlockSource(blocks)
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(model, input_ids, device, blocks, source.compute_dtype)
+    inputs = capture_block_inputs(model, input_ids, device, blocks, source.compute_dtype, source.activations)
     log.debug("captured inputs of %d blocks for %d samples in %.2fs", len(blocks), input_ids.shape[0], time.perf_counter() - t0)
     bar = tqdm(range(len(blocks)), desc=desc, leave=False, disable=None)
     for i in bar:

@@ -168,7 +168,8 @@ def calibrate(block: nn.Module, i: int, hidden: Tensor, inputs: BlockInputs, lay
               prunes: dict[str, list[LayerPruner]], extra: tuple[str, ...], nsamples: int | None = None,
               share: bool = True) -> BlockObserver:
     """Dense calibration pass of block ``i`` over ``hidden[:nsamples]``."""
-    obs = BlockObserver(layers, prunes, hidden.device, extra, share)
+    param = next(block.parameters(), None)  # statistics live with the block (activations may be offloaded)
+    obs = BlockObserver(layers, prunes, param.device if param is not None else hidden.device, extra, share)
     with forward_hooks(obs.hooks()):
         for j in range(hidden.shape[0] if nsamples is None else nsamples):
             run_block(block, hidden[j:j + 1], inputs.calls[i][j], inputs)

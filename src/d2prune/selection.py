@@ -85,7 +85,7 @@ def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | Non
             if i == 0:
                 obs, src = shared_obs, inputs.hidden
                 last = k == len(CANDIDATES) - 1
-                dst = inputs.hidden if last else torch.empty_like(inputs.hidden)  # the last one reuses the capture buffer
+                dst = inputs.hidden if last else inputs.new_buffer()  # the last one reuses the capture buffer
             else:
                 src = dst = hidden[c]
                 obs = calibrate(block, i, src, inputs, layers, {n: [prunes[c][n]] for n in layers}, extra, n_cal, share)
