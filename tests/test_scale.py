@@ -67,6 +67,17 @@ def test_streamed_equals_in_memory(tmp_path, method):
     assert not list(tmp_path.glob(".st.*")), "work folder left behind after success"
 
 
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_activations_give_the_same_model(tmp_path, offload):
+    args = ["--method", "d2prune", "--frozen", "auto", "--heldout-windows", "2"]
+    ref = _prune(STORIES, tmp_path / "ref", *args)
+    off = _prune(STORIES, tmp_path / "off", *args, "--offload-activations", offload)
+    assert off["memory"]["offload_activations"] == offload
+    _same(_weights(tmp_path / "ref"), _weights(tmp_path / "off"))
+    assert off["method_summary"]["heldout_ppl"] == ref["method_summary"]["heldout_ppl"]
+    assert not list(tmp_path.glob(".off.*")), "activation files left behind"
+
+
 @pytest.fixture(scope="module")
 def stories_bf16(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -96,3 +96,16 @@ def check_fits(budget: Budget, device: torch.device, scratch: str | Path | None,
         if budget.scratch_disk > free_disk:
             raise D2PruneError(f"this run writes about {budget.scratch_disk / GB:.1f} GB beside {scratch} but only "
                                f"{free_disk / GB:.1f} GB are free there: free some space or choose another --out")
+
+
+def auto_offload(budget: Budget, device: torch.device, available_ram: int) -> str | None:
+    """``--offload-activations`` when not given: keep the activations where
+    they are if everything fits; else host RAM when that frees enough device
+    memory, else memory-mapped files."""
+    if device.type == "cuda" and budget.device_memory:
+        free, _ = torch.cuda.mem_get_info(device)
+        if budget.device_memory > free:
+            return "cpu" if budget.host_ram + budget.activations <= available_ram else "disk"
+    if budget.host_ram > available_ram and budget.host_ram - budget.activations <= available_ram:
+        return "disk"
+    return None

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
                    help="read the blocks from a safetensors checkpoint one at a time instead of loading the model "
                         "(auto: when it is larger than half the available RAM)")
+    s.add_argument("--offload-activations", default=None, choices=["cpu", "disk"],
+                   help="keep calibration activations in host RAM or memory-mapped files (beside --out) instead of on "
+                        "the device (default: chosen when the device would run out of memory)")
     s.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
 
@@ -198,7 +201,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval)
     zs = zeroshot_options(args) if args.zero_shot else None
     record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs, stream=args.stream,
-                 restart=args.restart)
+                 restart=args.restart, offload=args.offload_activations)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:

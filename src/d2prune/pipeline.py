@@ -19,7 +19,8 @@ from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
 from .modeling import check_seqlen, default_seqlen, load_model, pick_device
 from .pruning import PruneReport, prune
-from .budget import check_fits, estimate
+from .budget import auto_offload, check_fits, estimate
+from .engine import ActivationStore
 from .resume import WorkFolder, files_digest, tensor_digest
 from .save import RECORD_NAME, check_output_dir, library_versions, save_pruned
 from .streaming import available_ram, open_model, write_sharded
@@ -118,12 +119,19 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     seqlen = seqlen_for(model, data.seqlen)
     check_seqlen(model, seqlen)
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
-    budget = estimate(opened, calib.shape[0] + (0 if heldout is None else heldout.shape[0]), seqlen, device,
-                      config.layer_error or config.method.name in ("sparsegpt", "d2prune"),
-                      3 if needs_heldout(config) else 1, offload)
+    samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
+    hessian = config.layer_error or config.method.name in ("sparsegpt", "d2prune")
+    buffers = 3 if needs_heldout(config) else 1
+    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload)
+    if offload is None:
+        offload = auto_offload(budget, device, available_ram())
+        if offload is not None:
+            log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
+                     budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
+            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload)
     check_fits(budget, device, out, available_ram(), opened.streamed)
     work = None
-    if out is not None or opened.streamed:
+    if out is not None or opened.streamed or offload == "disk":
         identity = {"model": opened.description, "model_files": files_digest(opened.files) if opened.files else "",
                     "config": to_dict(config), "calibration": tensor_digest(calib),
                     "heldout": tensor_digest(heldout) if heldout is not None else "",
@@ -131,6 +139,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                     "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
         work = WorkFolder(out if out is not None else Path(tempfile.mkdtemp(prefix="d2prune-")) / "model", identity,
                           restart)
+    if offload is not None:
+        opened.source.activations = ActivationStore(offload, work.ensure() / "activations" if offload == "disk" else None)
     try:
         report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work)
         results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, texts, opened.source) if data.evaluate else {}
@@ -180,7 +190,8 @@ def _record(opened, config: PruneConfig, data: DataConfig, seqlen: int, report: 
         "zero_shot": zs,
         "memory": {"streamed": opened.streamed, "storage_dtype": str(opened.storage_dtype).removeprefix("torch."),
                    "compute_dtype": str(opened.source.compute_dtype or opened.storage_dtype).removeprefix("torch."),
-                   "estimate": budget.to_dict(), "resumed_from_block": report.resumed_from},
+                   "estimate": budget.to_dict(), "resumed_from_block": report.resumed_from,
+                   "offload_activations": opened.source.activations.kind},
     }
 
 

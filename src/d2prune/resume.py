@@ -109,6 +109,12 @@ class WorkFolder:
             if 0 < start < n_blocks:
                 log.info("resuming from block %d/%d (%d finished blocks in %s)", start + 1, n_blocks, start, self.path)
             return start
+        self.ensure()
+        self.state = {"identity": self.identity, "next_block": 0, "n_blocks": n_blocks, "rows": [], "method": {}}
+        return 0
+
+    def ensure(self) -> Path:
+        """The folder, created with its marker (refused if someone else's)."""
         if self.path.exists() and not (self.path / MARKER_NAME).is_file():
             raise D2PruneError(f"{self.path} exists and was not written by d2prune: move it away or choose another --out")
         try:
@@ -116,8 +122,7 @@ class WorkFolder:
             (self.path / MARKER_NAME).write_text(f"{os.getpid()}\n")
         except OSError as e:
             raise D2PruneError(f"could not create the work folder {self.path}: {e.strerror or e}") from e
-        self.state = {"identity": self.identity, "next_block": 0, "n_blocks": n_blocks, "rows": [], "method": {}}
-        return 0
+        return self.path
 
     # ------------------------------------------------------------------ per block
     def block_path(self, i: int, tag: str = "") -> Path:
