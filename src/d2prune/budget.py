@@ -59,15 +59,17 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: b
     stats = (2 * widest * widest * 4 if hessian else 0) + 3 * largest * 4
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
     acts = activation_buffers * samples * seqlen * hidden * c_bytes
-    all_params = list(model.parameters())
-    model_bytes = _nbytes(all_params) if not opened.streamed else (
-        _nbytes([p for p in all_params if p.device.type != "meta"]) + block_storage * len(blocks))
-    resident = _nbytes([p for p in all_params if p.device.type != "meta"]) if opened.streamed else model_bytes
+    in_blocks = {id(p) for b in blocks.layers for p in b.parameters()}
+    outside = [p for p in model.parameters() if id(p) not in in_blocks]  # embeddings, final norm, head
+    model_bytes = _nbytes(outside) + block_storage * len(blocks)
     on_cpu = device.type == "cpu"
-    host = resident + block_storage + (block_compute if on_cpu else 0) + (stats if on_cpu else 0)
+    working = block_storage + (block_compute + stats if on_cpu else 0)
+    if opened.streamed:  # the outside is read only for the capture and the head, not during the block loop
+        host = max(_nbytes(outside, compute if on_cpu else None), working)
+    else:
+        host = model_bytes + working
     host += acts if (on_cpu or offload == "cpu") else 0
-    dev = 0 if on_cpu else block_compute + stats + (0 if offload else acts) + _nbytes(
-        [p for p in all_params if p.device.type != "meta" and p not in set(block_params)], compute)
+    dev = 0 if on_cpu else max(block_compute + stats, _nbytes(outside, compute)) + (0 if offload else acts)
     disk = model_bytes + (acts if offload == "disk" else 0)
     return Budget(int(host), int(dev), int(disk), int(acts))
 

@@ -68,19 +68,16 @@ class _BlockStub(nn.Module):
 
 @contextlib.contextmanager
 def _stubbed(model: nn.Module, blocks: Blocks, handler: Callable, device: torch.device,
-             compute_dtype: torch.dtype | None = None) -> Iterator[None]:
-    """Swap every block for a stub and put the rest of the model (embeddings,
-    norms, head) on ``device`` in ``compute_dtype``; always restore both."""
+             source: "BlockSource") -> Iterator[None]:
+    """Swap every block for a stub and have the source put the rest of the
+    model (embeddings, norms, head) on ``device``; always restore both."""
     real = list(blocks.layers)
-    placed = None
     try:
         for i, b in enumerate(real):
             blocks.layers[i] = _BlockStub(i, b, handler)
-        placed = place_params(model, device, compute_dtype)  # the blocks are out of the tree now
-        yield
+        with source.outside(model, device):  # the blocks are out of the tree now
+            yield
     finally:
-        if placed is not None:
-            placed.restore()  # still stubbed: again only the non-block modules
         for i, b in enumerate(real):
             blocks.layers[i] = b
 
@@ -142,12 +139,12 @@ def _store(obj: Any, prev: Any, memo: dict, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.device,
-                         blocks: Blocks | None = None, compute_dtype: torch.dtype | None = None,
-                         store: ActivationStore | None = None) -> BlockInputs:
+                         blocks: Blocks | None = None, source: "BlockSource | None" = None) -> BlockInputs:
     """Run ``input_ids`` (``[N, L]``, one sample per forward, as the references
     do) through the model with stubbed blocks; return every block's inputs."""
     blocks = blocks or find_blocks(model)
-    store = store or ActivationStore()
+    source = source or BlockSource(blocks)
+    store = source.activations
     n_blocks, nsamples = len(blocks), input_ids.shape[0]
     calls: list[list[BlockCall]] = [[] for _ in range(n_blocks)]
     state: dict[str, Any] = {"hidden": None, "j": 0, "memo": {}}
@@ -169,7 +166,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        with _stubbed(model, blocks, handler, device, compute_dtype):
+        with _stubbed(model, blocks, handler, device, source):
             for j in range(nsamples):
                 state["j"], state["memo"] = j, {}
                 try:
@@ -307,6 +304,11 @@ class BlockSource:
         """Block ``i`` ready to run on ``device`` for the duration of a ``with``."""
         return on_device(self.blocks[i], device, self.compute_dtype)
 
+    def outside(self, model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+        """Everything but the blocks (embeddings, final norm, head) ready on
+        ``device`` for the duration (called while the blocks are stubbed out)."""
+        return on_device(model, device, self.compute_dtype)
+
     def saved(self, i: int, shard: str | os.PathLike) -> None:
         """Block ``i`` is finished and saved in ``shard`` (its weights here are already the pruned ones)."""
 
@@ -359,7 +361,7 @@ def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: 
     blocks = blocks or find_blocks(model)
     source = source or BlockSource(blocks)
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(model, input_ids, device, blocks, source.compute_dtype, source.activations)
+    inputs = capture_block_inputs(model, input_ids, device, blocks, source)
     log.debug("captured inputs of %d blocks for %d samples in %.2fs", len(blocks), input_ids.shape[0], time.perf_counter() - t0)
     bar = tqdm(range(len(blocks)), desc=desc, leave=False, disable=None)
     for i in bar:
@@ -384,7 +386,7 @@ def propagate(block: nn.Module, i: int, inputs: BlockInputs) -> None:
 @torch.no_grad()
 def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: torch.device,
              consume: Callable[[int, Tensor], None], inputs: BlockInputs | None = None,
-             blocks: Blocks | None = None, compute_dtype: torch.dtype | None = None) -> None:
+             blocks: Blocks | None = None, source: "BlockSource | None" = None) -> None:
     """The model's own head on given final hidden states: run the model with
     identity stubs, replacing block 0's input by ``final_hidden[j]``, so the
     model applies its final norm / projection / lm_head itself. Calls
@@ -392,6 +394,7 @@ def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: 
     time: the vocabulary-sized logits of all samples are never held), and the
     blocks are back in place when it returns, whatever happens."""
     blocks = blocks or find_blocks(model)
+    source = source or BlockSource(blocks)
     state = {"j": 0}
     is_tuple = bool(inputs and inputs.output_is_tuple)
     extras = inputs.tuple_extras if inputs else ()
@@ -402,7 +405,7 @@ def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: 
             hidden = final_hidden[state["j"]:state["j"] + 1].to(hidden.device)
         return (hidden, *extras) if is_tuple else hidden
 
-    with _stubbed(model, blocks, handler, device, compute_dtype):
+    with _stubbed(model, blocks, handler, device, source):
         for j in range(input_ids.shape[0]):
             state["j"] = j
             consume(j, model(input_ids[j:j + 1].to(device), use_cache=False).logits)
@@ -422,5 +425,5 @@ def sequential_logits(model: nn.Module, input_ids: Tensor, device: torch.device,
                         blocks=blocks, source=source)
     out: list[Tensor] = []
     run_head(model, input_ids, inputs.hidden, device, consume or (lambda j, lg: out.append(lg)), inputs, blocks,
-             source.compute_dtype)
+             source)
     return None if consume else out

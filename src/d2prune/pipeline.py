@@ -155,7 +155,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
             writer = None
             if opened.streamed:
                 shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
-                writer = lambda folder: write_sharded(model, shards, folder, opened.storage_dtype)  # noqa: E731
+                writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype)  # noqa: E731
             path = save_pruned(model, tokenizer, out, record, overwrite, write_weights=writer)
             log.info("saved pruned model to %s", path)
     except BaseException:

@@ -157,11 +157,7 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
             f"{path}: the checkpoint does not name its tensors as {type(model).__name__} does (e.g. {unknown[0]} is "
             "missing): load it in memory with --stream off"
         )
-    for name in names:
-        if name.startswith(blocks.prefix + ".") or name in tied:
-            continue
-        _set_param(model, name, reader.get(name).to(storage))
-    for target, src in tied.items():
+    for target, src in tied.items():  # one Parameter object for both names, as from_pretrained ties them
         _set_param(model, target, model.get_parameter(src))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -171,13 +167,43 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
     return model, tok, reader
 
 
+def outside_blocks(model: nn.Module, blocks: Blocks) -> dict[str, nn.Parameter]:
+    """The parameters outside the decoder blocks, by name (tied ones once)."""
+    return {n: p for n, p in model.named_parameters() if not n.startswith(blocks.prefix + ".")}
+
+
 class StreamedBlocks(BlockSource):
     """Block source reading each block from the checkpoint when it is opened
-    and releasing it (back to the meta device) when it is closed."""
+    and releasing it (back to the meta device) when it is closed. The rest of
+    the model (embeddings, final norm, head) is read likewise only while the
+    engine needs it (capture, head), so between those moments host RAM holds
+    one block, not the 1-2 GB embedding and head of a 128k vocabulary."""
 
     def __init__(self, blocks: Blocks, reader: CheckpointReader, compute_dtype: torch.dtype | None = None):
         super().__init__(blocks, compute_dtype)
         self.reader = reader
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module, device: torch.device) -> Iterator[None]:
+        params = outside_blocks(model, self.blocks)
+        tied = tied_parameters(model)
+        try:
+            for name, ref in params.items():
+                _set_param(model, name, self.reader.get(name).to(ref.dtype))
+            for target, src in tied.items():
+                _set_param(model, target, model.get_parameter(src))
+            placed = place_params(model, device, self.compute_dtype)
+            try:
+                yield
+            finally:
+                placed.restore()
+        finally:
+            for name in [*params, *tied]:
+                p = model.get_parameter(name)
+                if p.device.type != "meta":
+                    _set_param(model, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+            for target, src in tied.items():
+                _set_param(model, target, model.get_parameter(src))
 
     def names(self, i: int) -> dict[str, str]:
         """``{name in block: name in checkpoint}`` for block ``i``."""
@@ -216,10 +242,10 @@ def shard_name(k: int, total: int) -> str:
     return f"model-{k:05d}-of-{total:05d}.safetensors"
 
 
-def write_sharded(model: nn.Module, block_shards: list[Path], folder: str | os.PathLike,
+def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list[Path], folder: str | os.PathLike,
                   storage: torch.dtype) -> None:
     """Write ``model`` into ``folder`` as an ordinary sharded checkpoint: shard 1
-    holds everything outside the blocks (from memory), shard ``i + 2`` is block
+    holds everything outside the blocks (read from the input), shard ``i + 2`` is block
     ``i`` (``block_shards[i]``, already written; hard-linked when possible, so no
     block passes through RAM again), plus ``model.safetensors.index.json`` and
     the config (``dtype`` = the storage dtype; no ``auto_map``)."""
@@ -230,8 +256,8 @@ def write_sharded(model: nn.Module, block_shards: list[Path], folder: str | os.P
     blocks = find_blocks(model)
     total = len(block_shards) + 1
     tied = tied_parameters(model)
-    rest = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters(remove_duplicate=False)
-            if not n.startswith(blocks.prefix + ".") and n not in tied}
+    rest = {n: reader.get(n).to(p.dtype) for n, p in model.named_parameters(remove_duplicate=False)
+            if not n.startswith(blocks.prefix + ".") and n not in tied}  # unchanged by pruning: copied from the input
     weight_map = {n: shard_name(1, total) for n in rest}
     size = sum(t.numel() * t.element_size() for t in rest.values())
     save_file(rest, str(folder / shard_name(1, total)), metadata={"format": "pt"})
