@@ -115,7 +115,7 @@ def test_score_functions_equal_formulas():
 
 @needs_shared
 def test_paper_and_faithful_differ_only_in_d2_wanda(stories, stories_calib):
-    """METHOD.md §3.1: the only difference is dx^e in D2-Wanda (the frozen
+    """docs/method.md §3.1: the only difference is dx^e in D2-Wanda (the frozen
     projection). Block 0 sees identical inputs, so every updated layer of it
     is bit-identical and only k_proj differs. (r1 = 100 makes the r1 term
     large enough to move the mask; at r1 = 1 it moves ~0.01% of k_proj.)"""

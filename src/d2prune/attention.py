@@ -1,5 +1,5 @@
 """Attention distributions of a block: what D²Prune's second contribution is
-about (METHOD.md §4). Used by the per-layer search (eq 12) and by
+about (docs/method.md §4). Used by the per-layer search (eq 12) and by
 ``d2prune diagnose``.
 
 The block must run with eager attention (:func:`d2prune.modeling.eager_attention`)

@@ -128,7 +128,7 @@ def parse_frozen(value: str) -> str:
 
 @dataclass(frozen=True)
 class D2PruneConfig(MethodConfig):
-    """D²Prune (AAAI 2026), METHOD.md §3-4.
+    """D²Prune (AAAI 2026), docs/method.md §3-4.
 
     ``frozen``: the q/k/v projections pruned with D2-Wanda and NOT updated
     (every other Linear: D2-SparseGPT), or a strategy choosing them: ``auto``

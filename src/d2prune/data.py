@@ -1,4 +1,4 @@
-"""Calibration and evaluation data (METHOD.md §5).
+"""Calibration and evaluation data (docs/method.md §5).
 
 Calibration follows the SparseGPT / Wanda / D²Prune reference sequence of
 calls exactly, so the same seed, documents and tokenizer give the same samples

@@ -1,4 +1,4 @@
-"""``d2prune diagnose``: how much pruning changed the attention (METHOD.md §4).
+"""``d2prune diagnose``: how much pruning changed the attention (docs/method.md §4).
 
 Dense and pruned model each run their own hidden states through their blocks
 (block by block, the engine's capture + run_block); per block and averaged,

@@ -1,4 +1,4 @@
-"""The one sequential engine, for every architecture (METHOD.md §1).
+"""The one sequential engine, for every architecture (docs/method.md §1).
 
 1. :func:`capture_block_inputs` runs the model once per calibration sample with
    every decoder block replaced by a stub: block 0's stub records the hidden

@@ -1,4 +1,4 @@
-"""Perplexity exactly as METHOD.md §5 (the SparseGPT / Wanda / D²Prune protocol).
+"""Perplexity exactly as docs/method.md §5 (the SparseGPT / Wanda / D²Prune protocol).
 
 The text is tokenised once and cut into ``floor(T / seqlen)`` non-overlapping
 windows (:func:`d2prune.data.eval_windows`); each window's mean NLL over its

@@ -1,4 +1,4 @@
-"""Choosing which q/k/v projections D²Prune leaves un-updated (METHOD.md §4).
+"""Choosing which q/k/v projections D²Prune leaves un-updated (docs/method.md §4).
 
 Both searches drive the same engine primitives as a plain prune (capture,
 calibrate, prune_layers, run_block); neither changes the engine.

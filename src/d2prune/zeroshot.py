@@ -1,4 +1,4 @@
-"""Zero-shot accuracy through lm-eval-harness itself, offline (METHOD.md §5).
+"""Zero-shot accuracy through lm-eval-harness itself, offline (docs/method.md §5).
 
 lm-eval's standard tasks download their data from the hub. We give lm-eval
 task configs (YAML, its own format) that read the same tasks from local files
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 STANDARD_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PREFIX = "local_"
 
-# standard name -> (data file under the task-data folder, the metric METHOD.md reports)
+# standard name -> (data file under the task-data folder, the metric docs/method.md reports)
 TASK_FILES = {
     "boolq": ("llmfoundry/boolq.jsonl", "acc"),
     "rte": ("rte/validation.parquet", "acc"),
@@ -97,7 +97,7 @@ def _mc_yaml(task: str, builder: str, split: str, path: str, text: str, target: 
         f"    {split}: {json.dumps(path)}",
         f"{'test' if split == 'test' else 'validation'}_split: {split}",
         "output_type: multiple_choice",
-        "num_fewshot: 0",  # the protocol (METHOD.md §5) is zero-shot; also the CLI's default without --num_fewshot
+        "num_fewshot: 0",  # the protocol (docs/method.md §5) is zero-shot; also the CLI's default without --num_fewshot
     ]
     if process:
         lines.append(f"process_docs: !function d2p_utils.{process}")

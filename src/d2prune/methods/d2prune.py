@@ -1,5 +1,5 @@
 """D²Prune (AAAI 2026): dual-Taylor scores + attention-aware q/k/v update
-(METHOD.md §3-4).
+(docs/method.md §3-4).
 
 Two kinds of layers:
 
@@ -10,7 +10,7 @@ Two kinds of layers:
   ``S = W^2 a_j + r1 * y_i |W_ij| dx_j^e - r2 * W^2 dx_j^2``, per row or N:M.
 
 ``y_i`` = per-output-channel activation magnitude / s, ``dx_j`` = per-input-
-channel magnitude / s (dx = lambda * x, eqs 13-15). Variants (METHOD.md §3.1):
+channel magnitude / s (dx = lambda * x, eqs 13-15). Variants (docs/method.md §3.1):
 
 * ``faithful`` - the authors' code (20250516aaa/D2Prune HEAD b22c860), quirks
   included: ``y`` and ``dx`` are running buffers updated ``buf *= n/(n+1);

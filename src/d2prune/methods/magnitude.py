@@ -1,4 +1,4 @@
-"""Magnitude pruning: score ``|W_ij|``, the lowest ``p`` of each layer (METHOD.md §2)."""
+"""Magnitude pruning: score ``|W_ij|``, the lowest ``p`` of each layer (docs/method.md §2)."""
 
 from __future__ import annotations
 

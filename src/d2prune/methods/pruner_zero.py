@@ -1,4 +1,4 @@
-"""Pruner-Zero (Dong et al., ICML 2024), METHOD.md §2.
+"""Pruner-Zero (Dong et al., ICML 2024), docs/method.md §2.
 
 Score ``|W * W| * mms(G)`` (the evolved symbolic metric of pprp/Pruner-Zero's
 ``best_tree.json``), ``G`` = per-weight L2 norm of the language-modelling

@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh, 2023), METHOD.md §2.
+"""SparseGPT (Frantar & Alistarh, 2023), docs/method.md §2.
 
 Pure math in two steps, so Linears that share an input share step 1:
 

@@ -1,5 +1,5 @@
 """Wanda (Sun et al., 2023): score ``|W_ij| * ||X_:,j||_2``, per output row, no
-weight update (METHOD.md §2; locuslab/wanda ``prune_wanda``)."""
+weight update (docs/method.md §2; locuslab/wanda ``prune_wanda``)."""
 
 from __future__ import annotations
 
