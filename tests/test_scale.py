@@ -240,3 +240,21 @@ def test_smollm2_sigkill_resume_is_bit_identical(tmp_path, smollm2_folder):
     rec = json.loads((out / "d2prune.json").read_text())
     assert rec["memory"]["resumed_from_block"] == killed_at
     _same(_weights(tmp_path / "whole"), _weights(out))
+
+
+def test_half_checkpoint_computes_like_its_fp32_copy(stories_bf16):
+    """A bf16 model kept in bf16 but run through the engine in fp32 (embedding
+    looked up as stored, head in row chunks) gives the logits of the same
+    weights loaded as fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from d2prune.engine import BlockSource, sequential_logits
+    from d2prune.modeling import find_blocks
+
+    half = AutoModelForCausalLM.from_pretrained(stories_bf16, dtype=torch.bfloat16)
+    full = AutoModelForCausalLM.from_pretrained(stories_bf16, dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    got = torch.cat(sequential_logits(half, ids, torch.device("cpu"),
+                                      source=BlockSource(find_blocks(half), torch.float32)))
+    assert got.dtype == torch.float32 and half.model.embed_tokens.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(got, full(ids).logits, atol=1e-5, rtol=0)

@@ -216,7 +216,8 @@ class _Placement:
                 mod._buffers[name] = buf.to(device)
 
 
-def place_params(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> _Placement:
+def place_params(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None,
+                 skip: set[int] = frozenset()) -> _Placement:
     """Move ``module``'s parameters (and buffers) to ``device``; floating
     parameters stored in another dtype are cast to ``compute_dtype`` and
     remember their storage dtype (see :func:`d2prune.modeling.set_weight_matrix`:
@@ -226,7 +227,7 @@ def place_params(module: nn.Module, device: torch.device, compute_dtype: torch.d
     the meta device are left alone."""
     saved, buffers = [], []
     for p in module.parameters():
-        if p.device.type == "meta":
+        if p.device.type == "meta" or id(p) in skip:
             continue
         dtype = compute_dtype if (compute_dtype is not None and p.is_floating_point()) else p.dtype
         saved.append((p, p.device, p.dtype))
@@ -288,6 +289,67 @@ class ActivationStore:
         return self.empty(tuple(t.shape), t.dtype, t.device)
 
 
+HEAD_CHUNK_ROWS = 16384  # rows of a stored-in-half head computed in fp32 at a time
+
+
+def _wide_head_forward(layer: nn.Linear, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """A Linear stored in half precision computing in ``dtype``, one chunk of
+    output rows at a time: never a full-size fp32 copy of a 128k-vocabulary head."""
+    def forward(x: Tensor) -> Tensor:
+        x = x.to(dtype)
+        out = torch.empty((*x.shape[:-1], layer.out_features), dtype=dtype, device=x.device)
+        for r in range(0, layer.out_features, HEAD_CHUNK_ROWS):
+            w = layer.weight[r:r + HEAD_CHUNK_ROWS].to(dtype)
+            b = None if layer.bias is None else layer.bias[r:r + HEAD_CHUNK_ROWS].to(dtype)
+            out[..., r:r + HEAD_CHUNK_ROWS] = nn.functional.linear(x, w, b)
+        return out
+    return forward
+
+
+@contextlib.contextmanager
+def outside_on_device(model: nn.Module, device: torch.device, compute_dtype: torch.dtype | None) -> Iterator[None]:
+    """Put what is outside the (stubbed-out) blocks on ``device``, computing in
+    ``compute_dtype``. The two big matrices stay in their storage dtype:
+    embeddings are looked up as stored and their output cast (a lookup is
+    exact, so this equals an fp32 table of the same values) and the head
+    computes in chunks of rows; the rest (norms...) is cast."""
+    if compute_dtype is None:
+        with on_device(model, device):
+            yield
+        return
+    big: dict[nn.Module, str] = {}
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding) and mod.weight.device.type != "meta":
+            big[mod] = "embedding"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and head.weight.device.type != "meta" and head not in big:
+        big[head] = "head"
+    keep = {id(p) for m in big for p in m.parameters(recurse=False)}
+    saved = [(p, p.device) for p in model.parameters() if id(p) in keep]
+    handles = []
+    try:
+        for p, _ in saved:
+            p.data = p.data.to(device)
+        placed = place_params(model, device, compute_dtype, skip=keep)
+        try:
+            for mod, kind in big.items():
+                if kind == "embedding":
+                    handles.append(mod.register_forward_hook(lambda m, i, out: out.to(compute_dtype)))
+                else:
+                    mod.forward = _wide_head_forward(mod, compute_dtype)
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for mod, kind in big.items():
+                if kind == "head":
+                    del mod.forward  # back to the class's forward
+            placed.restore()
+    finally:
+        for p, home in saved:
+            p.data = p.data.to(home)
+
+
 class BlockSource:
     """Where the blocks' weights live between their turns, and the dtype they
     compute in. This one: the model's own modules (host RAM, or wherever the
@@ -307,7 +369,7 @@ class BlockSource:
     def outside(self, model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
         """Everything but the blocks (embeddings, final norm, head) ready on
         ``device`` for the duration (called while the blocks are stubbed out)."""
-        return on_device(model, device, self.compute_dtype)
+        return outside_on_device(model, device, self.compute_dtype)
 
     def saved(self, i: int, shard: str | os.PathLike) -> None:
         """Block ``i`` is finished and saved in ``shard`` (its weights here are already the pruned ones)."""

@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .engine import BlockSource, place_params
+from .engine import BlockSource, outside_on_device, place_params
 from .errors import D2PruneError
 from .modeling import STORAGE_DTYPE, Blocks, compute_dtype_for, find_blocks
 
@@ -192,11 +192,8 @@ class StreamedBlocks(BlockSource):
                 _set_param(model, name, self.reader.get(name).to(ref.dtype))
             for target, src in tied.items():
                 _set_param(model, target, model.get_parameter(src))
-            placed = place_params(model, device, self.compute_dtype)
-            try:
+            with outside_on_device(model, device, self.compute_dtype):
                 yield
-            finally:
-                placed.restore()
         finally:
             for name in [*params, *tied]:
                 p = model.get_parameter(name)
