@@ -118,12 +118,33 @@ def _set_param(root: nn.Module, name: str, value: Tensor | nn.Parameter) -> None
 
 
 def _release(block: nn.Module) -> None:
-    """Give a block's memory back: every parameter returns to the meta device."""
+    """Give a block's memory back: every parameter returns to the meta device,
+    and the C allocator hands freed pages back to the OS (glibc keeps them
+    otherwise, and the process's RSS would grow with every block it has seen)."""
     for module in block.modules():
         for attr, p in module._parameters.items():
             if p is not None and p.device.type != "meta":
                 module._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                         requires_grad=False)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)`` where glibc has it; nothing elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - probe
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
