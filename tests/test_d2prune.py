@@ -1,5 +1,5 @@
 """D²Prune: each variant's statistics and scores against straightforward
-computations written here; the q/k/v choices; Pruner-Zero; diagnostics."""
+computations written here; the q/k/v choices; diagnostics."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import torch
 
 from conftest import WIKI, needs_shared, tiny_model
 from d2prune import PruneConfig, Sparsity, eval_windows, eval_text, find_blocks, find_prunable, perplexity, prune
-from d2prune.config import D2PruneConfig, PrunerZeroConfig
+from d2prune.config import D2PruneConfig
 from d2prune.diagnostics import attention_diff
 from d2prune.methods.d2prune import d2_sparsegpt_score, d2_wanda_score
-from d2prune.methods.pruner_zero import PrunerZero
 from d2prune.modeling import weight_matrix
 from test_sparsegpt import textbook_obs
 
@@ -239,37 +238,6 @@ def test_frozen_on_unsplittable_fused_layout_is_an_error():
     with pytest.raises(D2PruneError, match="interleaved"):
         prune(model, PruneConfig(method=D2PruneConfig(frozen="k"), sparsity=0.5, device="cpu"), torch.randint(0, 128, (2, 16)))
     prune(model, PruneConfig(method=D2PruneConfig(frozen="none"), sparsity=0.5, device="cpu"), torch.randint(0, 128, (2, 16)))
-
-
-# --------------------------------------------------------------------------- Pruner-Zero
-def test_pruner_zero_gradients_leave_weights_untouched_and_match_autograd():
-    model = tiny_model("llama")
-    calib = torch.randint(0, 128, (3, 16))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    m = PrunerZero(PrunerZeroConfig(), Sparsity.parse("0.5"))
-    m.prepare(model, calib, CPU)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert all(p.grad is None for p in model.parameters())
-    # independent: sum over samples of squared per-sample gradients, by plain autograd
-    w = model.model.layers[1].mlp.down_proj.weight
-    acc = torch.zeros_like(w)
-    for j in range(3):
-        model.zero_grad()
-        model(input_ids=calib[j:j + 1], labels=calib[j:j + 1]).loss.backward()
-        acc += w.grad ** 2
-    model.zero_grad()
-    torch.testing.assert_close(m.G["model.layers.1.mlp.down_proj"], acc.sqrt(), rtol=1e-5, atol=1e-8)
-
-
-def test_pruner_zero_prunes_per_row():
-    model = tiny_model("qwen2")
-    report = prune(model, PruneConfig(method="pruner-zero", sparsity=0.5, device="cpu"), torch.randint(0, 128, (3, 16)))
-    for b in find_blocks(model).layers:
-        for n, lin in find_prunable(b).items():
-            W = weight_matrix(lin)
-            assert torch.all((W == 0).sum(1) == W.shape[1] // 2), n
-    assert len(report.layers) == 21
 
 
 # --------------------------------------------------------------------------- diagnostics

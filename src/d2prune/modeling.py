@@ -243,10 +243,18 @@ def find_prunable(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if isinstance(m, PRUNABLE_TYPES)}
 
 
+def to_matrix(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like ``layer.weight`` (the weight, its gradient, a
+    mask...) as ``[d_out, d_in]``: GPT-2's ``Conv1D`` stores ``[d_in, d_out]``.
+    Decided by the layer's class, never by comparing shapes (a square
+    ``Conv1D`` looks the same either way). A transpose: the same call maps a
+    ``[d_out, d_in]`` matrix back to the layer's layout."""
+    return t.t() if isinstance(Conv1D, type) and isinstance(layer, Conv1D) else t
+
+
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The weight as ``[d_out, d_in]`` (``Conv1D`` stores ``[d_in, d_out]``)."""
-    w = layer.weight.data
-    return w.t() if isinstance(Conv1D, type) and isinstance(layer, Conv1D) else w
+    """The weight as ``[d_out, d_in]`` (see :func:`to_matrix`)."""
+    return to_matrix(layer, layer.weight.data)
 
 
 # Attribute set on a parameter that computes in a wider dtype than it is stored
@@ -260,8 +268,7 @@ def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:
     A weight computing in a wider dtype than its storage is first rounded to
     the storage dtype, so the pruned block propagates exactly what the saved
     model computes (as the references do when they write into an fp16 layer)."""
-    if isinstance(Conv1D, type) and isinstance(layer, Conv1D):
-        w = w.t()
+    w = to_matrix(layer, w)
     storage = getattr(layer.weight, STORAGE_DTYPE, None)
     if storage is not None:
         w = w.to(storage)

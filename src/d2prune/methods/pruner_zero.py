@@ -24,7 +24,7 @@ from ..config import PrunerZeroConfig
 from ..engine import check_finite
 from ..errors import D2PruneError
 from ..masks import row_mask
-from ..modeling import find_blocks, find_prunable, weight_matrix
+from ..modeling import find_blocks, find_prunable, to_matrix
 from .base import LayerPruner, Method, register
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) 
     for name, m in targets.items():
         if name not in sq:
             raise D2PruneError(f"{name} received no gradient from the language-modelling loss: Pruner-Zero cannot score it")
-        G = sq[name].sqrt()
-        if m.weight.shape != weight_matrix(m).shape:  # Conv1D stores [d_in, d_out]
-            G = G.t()
-        out[name] = G.contiguous()
+        out[name] = to_matrix(m, sq[name].sqrt()).contiguous()  # laid out like m.weight: as the weight matrix
     return out
 
 
