@@ -46,18 +46,26 @@ def obs_score(W_sub: Tensor, d_sub: Tensor, c0: int, c1: int) -> Tensor:
 
 def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "layer") -> tuple[Tensor, Tensor]:
     """``(U, dead)``: upper Cholesky factor of the damped ``H^-1`` and the
-    dead-input mask. ``H`` is not modified."""
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead-input mask. ``H`` is used in place (its diagonal is damped, then put
+    back exactly): a 28672-wide input's Hessian is 3.3 GB in fp32, so no
+    full-size copy of it is made; at most two more matrices of its size exist
+    at once (the factor and the inverse, which becomes ``U`` in place)."""
     diag = torch.arange(H.shape[0], device=H.device)
+    saved = torch.diag(H).clone()
+    dead = saved == 0
     damp = percdamp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        Hd = H.clone()
-        Hd[diag, diag] += damp * torch.mean(torch.diag(H))
-        L, info = torch.linalg.cholesky_ex(Hd)
+        try:
+            H[dead, dead] = 1
+            H[diag, diag] += damp * torch.mean(torch.diag(H))
+            L, info = torch.linalg.cholesky_ex(H)
+        finally:
+            H[diag, diag] = saved
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, torch.empty((), dtype=torch.int32,
+                                                                                        device=H.device)))
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, dead
         if attempt < MAX_DAMP_RETRIES:
