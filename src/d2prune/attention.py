@@ -16,7 +16,7 @@ from .engine import BlockCall, BlockInputs, forward_hooks, run_block
 from .errors import D2PruneError
 from .modeling import attention_module
 
-_TINY = 1e-30
+TINY = 1e-30  # floor of probabilities in logs and of denominators: keeps 0 * log 0 and x / 0 finite
 
 
 def find_attention(block: nn.Module, where: str = "") -> nn.Module:
@@ -49,4 +49,4 @@ def kl_rows(p: Tensor, q: Tensor) -> Tensor:
     """``KL(p || q)`` of every attention row (summed over keys), in fp32.
     Zero-probability entries of ``p`` contribute 0; identical inputs give exactly 0."""
     p, q = p.float(), q.float()
-    return (p * (torch.log(p.clamp_min(_TINY)) - torch.log(q.clamp_min(_TINY)))).sum(-1)
+    return (p * (torch.log(p.clamp_min(TINY)) - torch.log(q.clamp_min(TINY)))).sum(-1)

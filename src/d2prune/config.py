@@ -68,11 +68,38 @@ class Sparsity:
 
 
 # --------------------------------------------------------------------------- methods
+def option(default: Any, help: str) -> Any:
+    """A method config field that is also a command-line flag (``--name``,
+    ``--long-name`` for ``long_name``) and a sweep spec option
+    (``method:name=value``). ``help`` is the flag's help; the default shown
+    is the dataclass default, which an unset flag leaves in place."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of the per-method configs; ``name`` is the registry key."""
+    """Base of the per-method configs; ``name`` is the registry key. Every
+    field is an option of the method (see :func:`option`). What generic code
+    needs to know about a method it reads here, never from the method's name:"""
 
     name: ClassVar[str] = ""
+    label_fields: ClassVar[tuple[str, ...]] = ()  # options always written in the method's label
+    uses_hessian: ClassVar[bool] = False  # the method itself accumulates X^T X (memory estimate)
+
+    @property
+    def needs_heldout(self) -> bool:
+        """Scores candidates on held-out calibration windows (give ``heldout`` to prune)."""
+        return False
+
+    @property
+    def activation_buffers(self) -> int:
+        """Activation buffers ``[N, L, d]`` the run holds at once (candidates in lock-step)."""
+        return 1
+
+    @property
+    def column_block(self) -> int | None:
+        """The column block of an OBS-style update (N:M's M must divide it), or None."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -94,11 +121,16 @@ class SparseGPTConfig(MethodConfig):
     """SparseGPT (Frantar & Alistarh 2023): OBS mask + update in column blocks."""
 
     name: ClassVar[str] = "sparsegpt"
-    blocksize: int = 128
-    percdamp: float = 0.01
+    uses_hessian: ClassVar[bool] = True
+    blocksize: int = option(128, "columns per block of the OBS update (N:M's M must divide it)")
+    percdamp: float = option(0.01, "Hessian damping, as a fraction of mean(diag H)")
 
     def __post_init__(self) -> None:
         _check_sparsegpt_fields(self.blocksize, self.percdamp)
+
+    @property
+    def column_block(self) -> int:
+        return self.blocksize
 
 
 def _check_sparsegpt_fields(blocksize: int, percdamp: float) -> None:
@@ -109,7 +141,33 @@ def _check_sparsegpt_fields(blocksize: int, percdamp: float) -> None:
 
 
 FROZEN_STRATEGIES = ("auto", "per-layer", "outlier")
-D2_VARIANTS = ("faithful", "paper", "normalized")
+D2_CANDIDATES = ("q", "k", "v")  # what the searches (auto, per-layer) choose among
+
+
+@dataclass(frozen=True)
+class D2Variant:
+    """The numerics of a D²Prune variant (docs/method.md §3.1).
+
+    ``index_weighted``: ``y`` and ``dx`` are the authors' running buffers
+    ``buf *= n/(n+B); buf += t`` (index-weighted sums), else plain per-sample
+    means; ``rescaled_dx``: D2-SparseGPT's ``dx`` is the norm of the
+    Hessian-rescaled input ``sqrt(2/n) X`` (a running buffer only);
+    ``wanda_dx_exponent``: ``e`` in D2-Wanda's ``r1 * y |W| dx^e``."""
+
+    index_weighted: bool
+    rescaled_dx: bool
+    wanda_dx_exponent: int
+
+    def __post_init__(self) -> None:
+        if self.rescaled_dx and not self.index_weighted:
+            raise ValueError("rescaled_dx is a running-buffer statistic: it needs index_weighted")
+
+
+D2_VARIANTS: dict[str, D2Variant] = {
+    "faithful": D2Variant(index_weighted=True, rescaled_dx=True, wanda_dx_exponent=0),  # the authors' code
+    "paper": D2Variant(index_weighted=True, rescaled_dx=True, wanda_dx_exponent=1),  # Algorithm 1
+    "normalized": D2Variant(index_weighted=False, rescaled_dx=False, wanda_dx_exponent=1),
+}
 
 
 def parse_frozen(value: str) -> str:
@@ -143,14 +201,16 @@ class D2PruneConfig(MethodConfig):
 
     name: ClassVar[str] = "d2prune"
     label_fields: ClassVar[tuple[str, ...]] = ("frozen",)
-    frozen: str = "auto"
-    variant: str = "faithful"
-    s: float = 1500.0
-    r1: float = 1.0
-    r2: float = 0.0
-    blocksize: int = 128
-    percdamp: float = 0.01
-    rho: float = 1.0
+    uses_hessian: ClassVar[bool] = True
+    frozen: str = option("auto", "q/k/v projections pruned without update: k|q|v|q+v|none, or chosen per run: "
+                                 "auto (held-out perplexity) | per-layer (eq 12) | outlier (eqs 17-19)")
+    variant: str = option("faithful", "faithful (the authors' code) | paper (Algorithm 1) | normalized (plain means)")
+    s: float = option(1500.0, "activation scale s (eqs 13-15)")
+    r1: float = option(1.0, "lambda_1 of eq 10")
+    r2: float = option(0.0, "lambda_2 of eq 10")
+    blocksize: int = option(128, "columns per block of the OBS update (N:M's M must divide it)")
+    percdamp: float = option(0.01, "Hessian damping, as a fraction of mean(diag H)")
+    rho: float = option(1.0, "per-layer: weight of the attention KL in eq 12")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen", parse_frozen(self.frozen))
@@ -165,6 +225,22 @@ class D2PruneConfig(MethodConfig):
             object.__setattr__(self, k, float(v))
         object.__setattr__(self, "s", float(self.s))
         _check_sparsegpt_fields(self.blocksize, self.percdamp)
+
+    @property
+    def numerics(self) -> D2Variant:
+        return D2_VARIANTS[self.variant]
+
+    @property
+    def needs_heldout(self) -> bool:
+        return self.frozen == "auto"
+
+    @property
+    def activation_buffers(self) -> int:
+        return len(D2_CANDIDATES) if self.frozen == "auto" else 1
+
+    @property
+    def column_block(self) -> int:
+        return self.blocksize
 
     @property
     def frozen_set(self) -> tuple[str, ...] | None:
@@ -186,13 +262,21 @@ METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
 def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Make a method config reachable by name (``PruneConfig(method="wanda")``)."""
+    """Make a method config reachable by name (``PruneConfig(method="wanda")``);
+    :func:`d2prune.methods.base.register` calls this for every method."""
     METHOD_CONFIGS[cls.name] = cls
     return cls
 
 
-for _cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, D2PruneConfig, PrunerZeroConfig):
-    register_method_config(_cls)
+def method_options() -> dict[str, list[tuple[type[MethodConfig], dataclasses.Field]]]:
+    """Every option of the registered methods: ``{field name: [(config type,
+    field), ...]}`` (methods sharing an option, e.g. ``blocksize``, share the
+    entry), in registration order. The CLI builds its method flags from this."""
+    out: dict[str, list[tuple[type[MethodConfig], dataclasses.Field]]] = {}
+    for cls in METHOD_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, []).append((cls, f))
+    return out
 
 
 def method_config(name: str, **options: Any) -> MethodConfig:
@@ -227,7 +311,7 @@ def parse_method_spec(spec: "str | MethodConfig") -> MethodConfig:
 def method_label(cfg: MethodConfig) -> str:
     """The inverse of :func:`parse_method_spec` for non-default options."""
     default = type(cfg)()
-    always = getattr(cfg, "label_fields", ())
+    always = cfg.label_fields
     opts = [f"{f.name}={getattr(cfg, f.name)}".replace(",", "+") for f in dataclasses.fields(cfg)
             if f.name in always or getattr(cfg, f.name) != getattr(default, f.name)]
     return cfg.name + (":" + ",".join(opts) if opts else "")

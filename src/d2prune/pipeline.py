@@ -68,7 +68,7 @@ def calibration_for(tokenizer, data: DataConfig, seqlen: int, with_heldout: bool
 
 
 def needs_heldout(config: PruneConfig) -> bool:
-    return getattr(config.method, "frozen", None) == "auto"
+    return config.method.needs_heldout
 
 
 def eval_texts(data: DataConfig) -> dict[str, str]:
@@ -120,8 +120,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     check_seqlen(model, seqlen)
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
     samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
-    hessian = config.layer_error or config.method.name in ("sparsegpt", "d2prune")
-    buffers = 3 if needs_heldout(config) else 1
+    hessian = config.layer_error or config.method.uses_hessian
+    buffers = config.method.activation_buffers
     budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload)
     if offload is None:
         offload = auto_offload(budget, device, available_ram())

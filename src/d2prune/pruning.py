@@ -1,12 +1,12 @@
 """``prune(model, config, calibration)``: the public entry point.
 
 Per block (see :mod:`d2prune.engine`): dense calibration pass with hooks ->
-every Linear pruned by the method's wrapper -> propagation pass. This file is
-the glue between the engine and the methods: hooks feed one
-:class:`~d2prune.stats.InputStats` per distinct input tensor (Linears reading
-the same tensor - q/k/v, gate/up - share it), the wrappers prune, and one
-report row per layer records shape, achieved sparsity, the reconstruction
-error ``||WX - W'X||^2 / ||WX||^2`` on the calibration inputs and the time.
+every Linear pruned by the method's wrapper -> propagation pass, with the
+pieces of :mod:`d2prune.calibration`. A method whose config asks for a search
+over candidate settings (D²Prune ``frozen="auto"`` / ``"per-layer"``) is
+driven by the :class:`~d2prune.calibration.CandidateSearch` registered for
+it instead of the plain loop; both return a
+:class:`~d2prune.calibration.PruneOutcome`, turned here into the report.
 """
 
 from __future__ import annotations
@@ -19,27 +19,20 @@ import torch
 from torch import Tensor, nn
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .config import PruneConfig, Sparsity, to_dict
-from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, propagate, run_block, sequential
+from . import selection as _selection  # noqa: F401  (registers D²Prune's searches)
+from .calibration import (BlockLayers, CalibrationOptions, LayerReport, PruneOutcome, PruneRun, calibrate,
+                          find_search, prune_layers)
+from .config import PruneConfig, Sparsity, method_label, to_dict
+from .engine import BlockInputs, BlockSource, check_finite, propagate, sequential
 from .errors import D2PruneError
-from .methods.base import LayerPruner, build_method
-from .modeling import (compute_dtype_for, find_blocks, find_prunable, in_features, pick_device, set_weight_matrix,
-                       weight_matrix)
+from .methods.base import Method, build_method
+from .modeling import compute_dtype_for, find_blocks, find_prunable, in_features, pick_device
 from .resume import WorkFolder
 from .streaming import block_tensors
-from .stats import InputStats
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class LayerReport:
-    name: str
-    shape: tuple[int, int]
-    sparsity: float
-    error: float | None
-    seconds: float
-    how: str = ""
+__all__ = ["LayerReport", "PruneReport", "prune", "validate_pattern"]
 
 
 @dataclass
@@ -85,119 +78,44 @@ def validate_pattern(model: nn.Module, sparsity: Sparsity, blocksize: int | None
                 )
 
 
-def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
-    """``||W X - W' X||^2 / ||W X||^2`` over the calibration inputs, from the
-    (scaled) Gram matrix ``H`` of ``X``: ``tr(dW H dW^T) / tr(W H W^T)``."""
-    dW = W - W_new
-    num = float((dW @ H * dW).sum())
-    den = float((W @ H * W).sum())
-    return num / den if den > 0 else 0.0
+def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutcome:
+    """The plain loop: every block calibrated, pruned by ``method`` and
+    propagated in turn; with ``run.work``, every finished block is saved and an
+    interrupted run continues after the last one saved."""
+    out = PruneOutcome()
 
-
-class BlockObserver:
-    """Forward hooks for one block's dense calibration pass.
-
-    Linears reading the same tensor share one :class:`InputStats`. The groups
-    are found on the first sample from tensor identity (its inputs are kept as
-    copies until every member has declared which statistics it needs); from
-    the second sample on, each group's statistics are updated inside the hook
-    of its first member, as the references do. Output observers (every pruner
-    listed for a Linear, e.g. one per search candidate) are fed in the hook.
-    """
-
-    def __init__(self, layers: dict[str, nn.Module], prunes: dict[str, list[LayerPruner]], device: torch.device,
-                 extra_stats: tuple[str, ...], share: bool = True):
-        self.layers, self.prunes, self.device, self.extra, self.share = layers, prunes, device, extra_stats, share
-        self.first: dict[str, list[tuple[tuple, Tensor, Tensor]]] = {}  # sample 0: (key, input, copy) per call
-        self.stats: dict[str, InputStats] = {}
-        self.leaders: set[str] = set()
-
-    def hooks(self):
-        def make(name: str):
-            watchers = [p for p in self.prunes[name] if p.wants_output]
-
-            def hook(module, inp, out):
-                x = inp[0].detach()
-                if not self.stats:
-                    # keep x itself alive too: a freed input's address could be reused by a later
-                    # Linear's input within this forward, and identity keys would then collide
-                    self.first.setdefault(name, []).append((self._key(x), x, x.clone()))
-                elif name in self.leaders:
-                    self.stats[name].update(x)
-                if watchers:
-                    y = (out[0] if isinstance(out, tuple) else out).detach()
-                    for p in watchers:
-                        p.observe_output(y)
-            return hook
-        return {m: make(n) for n, m in self.layers.items()}
-
-    @staticmethod
-    def _key(x: Tensor):
-        return (x.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
-
-    def end_sample(self) -> None:
-        if self.stats:
+    @torch.no_grad()
+    def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
+            propagate(block, i, inputs)
             return
-        self._group()
-        for leader in self.leaders:
-            for _, _, x in self.first.get(leader, []):
-                self.stats[leader].update(x)
-        self.first.clear()
+        layers = BlockLayers.find(block, i, run.blocks.prefix)
+        pruners = layers.pruners(method, block)
+        t0 = time.perf_counter()
+        obs = calibrate(block, layers, inputs, {n: [p] for n, p in pruners.items()}, run.options)
+        out.calib_seconds += time.perf_counter() - t0
+        out.layers.extend(prune_layers(layers, pruners, obs.stats))
+        del obs
+        propagate(block, i, inputs)
+        check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 
-    def _group(self) -> None:
-        by_key: dict = {}
-        for name in self.layers:
-            calls = self.first.get(name)
-            key = calls[0][0] if calls and self.share else ("own", name)
-            by_key.setdefault(key, []).append(name)
-        for names in by_key.values():
-            kinds = set(self.extra)
-            for n in names:
-                for p in self.prunes[n]:
-                    kinds.update(p.input_stats)
-            st = InputStats(in_features(self.layers[names[0]]), self.device, kinds)
-            self.leaders.add(names[0])
-            for n in names:
-                self.stats[n] = st
-        if len(by_key) < len(self.layers):
-            log.debug("shared input statistics: %s", [v for v in by_key.values() if len(v) > 1])
+    after, work = None, run.work
+    if work is not None and sparsity.ratio > 0:
+        out.resumed_from = work.begin(len(run.blocks))
+        for i in range(out.resumed_from):
+            run.source.restore(i, work.block_path(i))
+        out.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in work.state["rows"])
+        method.load_state(work.state["method"])
 
+        def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+            work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
+            run.source.saved(i, work.block_path(i))  # a streamed model reads its pruned block back from there
+            work.commit(i + 1, [to_dict(r) for r in out.layers], method.state())
 
-@torch.no_grad()
-def calibrate(block: nn.Module, i: int, hidden: Tensor, inputs: BlockInputs, layers: dict[str, nn.Module],
-              prunes: dict[str, list[LayerPruner]], extra: tuple[str, ...], nsamples: int | None = None,
-              share: bool = True) -> BlockObserver:
-    """Dense calibration pass of block ``i`` over ``hidden[:nsamples]``."""
-    param = next(block.parameters(), None)  # statistics live with the block (activations may be offloaded)
-    obs = BlockObserver(layers, prunes, param.device if param is not None else hidden.device, extra, share)
-    with forward_hooks(obs.hooks()):
-        for j in range(hidden.shape[0] if nsamples is None else nsamples):
-            run_block(block, hidden[j:j + 1], inputs.calls[i][j], inputs)
-            obs.end_sample()
-    return obs
-
-
-@torch.no_grad()
-def prune_layers(layers: dict[str, nn.Module], prunes: dict[str, LayerPruner], stats: dict[str, InputStats],
-                 qual: dict[str, str], tag: str = "") -> list[LayerReport]:
-    """Prune every Linear with its wrapper; one report row per layer (logged,
-    prefixed by ``tag``, e.g. the candidate of a search)."""
-    rows = []
-    for n, layer in layers.items():
-        t1 = time.perf_counter()
-        st = stats[n]
-        for t in st.tensors():
-            check_finite(t, f"the calibration statistics of {qual[n]}")
-        W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
-        W_new, _ = prunes[n].prune(W.clone(), st)
-        set_weight_matrix(layer, W_new)
-        err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
-        achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
-        row = LayerReport(qual[n], tuple(W.shape), achieved, err, time.perf_counter() - t1, prunes[n].label)
-        rows.append(row)
-        log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
-                 f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
-    return rows
+    sequential(run.model, run.calibration, run.device, step, desc="block", blocks=run.blocks, source=run.source,
+               start=out.resumed_from, after=after)
+    out.summary = method.summary()
+    return out
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None = None,
@@ -230,52 +148,16 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     blocks = source.blocks if source is not None else find_blocks(model)
     if source is None:
         source = BlockSource(blocks, compute_dtype_for(device, next(model.parameters()).dtype))
-    validate_pattern(model, sparsity, getattr(config.method, "blocksize", None))
+    validate_pattern(model, sparsity, config.method.column_block)
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
-    report = PruneReport(config=to_dict(config))
+    search = find_search(method) if sparsity.ratio > 0 else None
+    if search is not None and any(p.device.type == "meta" for p in blocks[0].parameters()):
+        raise D2PruneError(f"{method_label(config.method)} searches over candidates and cannot run on blocks "
+                           "streamed from disk yet: use --stream off")
     model.eval()
     method.prepare(model, calibration, device)
-    extra = ("hessian",) if config.layer_error else ()
-    driver = method.driver()
-    if driver is not None and sparsity.ratio > 0:  # a search over the engine (e.g. D2Prune auto / per-layer)
-        driver(model, method, blocks, calibration, heldout, device, config, report)
-        report.seconds = time.perf_counter() - t_start
-        return report
-    timers = {"calib": 0.0}
-
-    @torch.no_grad()
-    def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
-            propagate(block, i, inputs)
-            return
-        layers = find_prunable(block)
-        qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
-        method.begin_block(i, block, layers)
-        prunes = {n: method.layer(qual[n], m, i) for n, m in layers.items()}
-        t0 = time.perf_counter()
-        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [p] for n, p in prunes.items()}, extra,
-                        share=config.share_inputs)
-        timers["calib"] += time.perf_counter() - t0
-        report.layers.extend(prune_layers(layers, prunes, obs.stats, qual))
-        del obs
-        propagate(block, i, inputs)
-        check_finite(inputs.hidden, f"the outputs of pruned block {i}")
-
-    start, after = 0, None
-    if work is not None and sparsity.ratio > 0:
-        start = report.resumed_from = work.begin(len(blocks))
-        for i in range(start):
-            source.restore(i, work.block_path(i))
-        report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in work.state["rows"])
-        method.load_state(work.state["method"])
-
-        def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-            work.write_block(i, block_tensors(block, f"{blocks.prefix}.{i}"))
-            source.saved(i, work.block_path(i))  # a streamed model reads its pruned block back from there
-            work.commit(i + 1, [to_dict(r) for r in report.layers], method.state())
-
-    sequential(model, calibration, device, step, desc="block", blocks=blocks, source=source, start=start, after=after)
-    report.seconds = time.perf_counter() - t_start
-    report.calib_forward_seconds = timers["calib"]
-    report.method = method.summary()
-    return report
+    run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work)
+    outcome = search.run(run) if search is not None else prune_blocks(run, method, sparsity)
+    return PruneReport(config=to_dict(config), layers=outcome.layers, seconds=time.perf_counter() - t_start,
+                       calib_forward_seconds=outcome.calib_seconds, method=outcome.summary,
+                       resumed_from=outcome.resumed_from)

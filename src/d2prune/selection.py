@@ -1,20 +1,22 @@
 """Choosing which q/k/v projections D²Prune leaves un-updated (docs/method.md §4).
 
-Both searches drive the same engine primitives as a plain prune (capture,
-calibrate, prune_layers, run_block); neither changes the engine.
+Two :class:`~d2prune.calibration.CandidateSearch` es registered for
+:class:`~d2prune.config.D2PruneConfig`; both drive the same engine primitives
+as a plain prune (capture, calibrate, prune_layers, run_block) and neither
+changes the engine:
 
-* :func:`prune_auto` - the paper's perplexity-guided search, done soundly: the
-  model is pruned under each candidate (freeze q, k or v) and each is scored
-  by perplexity on **held-out calibration text** (C4 documents not used for
-  calibration; never the evaluation set, which the paper used). The
-  candidates run in lock-step over the blocks, sharing what they can: the
-  tokenised data, the captured inputs of block 0, and block 0's calibration
-  pass and statistics (one Hessian and one Cholesky per input for all).
-* :func:`prune_per_layer` - eq 12 block by block: for each block choose the
-  frozen projection minimising the block's output reconstruction error
-  ``||B~(X) - B(X)||^2 / ||B(X)||^2`` plus ``rho`` times the mean
-  ``KL(attn~ || attn)`` of its attention rows, on the calibration data, then
-  propagate with the chosen one.
+* :class:`AutoSearch` (``frozen="auto"``) - the paper's perplexity-guided
+  search, done soundly: the model is pruned under each candidate (freeze q, k
+  or v) and each is scored by perplexity on **held-out calibration text** (C4
+  documents not used for calibration; never the evaluation set, which the
+  paper used). The candidates run in lock-step over the blocks, sharing what
+  they can: the tokenised data, the captured inputs of block 0, and block 0's
+  calibration pass and statistics (one Hessian and one Cholesky per input for all).
+* :class:`PerLayerSearch` (``frozen="per-layer"``) - eq 12 block by block: for
+  each block choose the frozen projection minimising the block's output
+  reconstruction error ``||B~(X) - B(X)||^2 / ||B(X)||^2`` plus ``rho`` times
+  the mean ``KL(attn~ || attn)`` of its attention rows, on the calibration
+  data, then propagate with the chosen one.
 """
 
 from __future__ import annotations
@@ -23,163 +25,217 @@ import copy
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .attention import find_attention, kl_rows, run_with_attention
+from .attention import TINY, find_attention, kl_rows, run_with_attention
+from .calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate, prune_layers,
+                          register_search)
+from .config import D2_CANDIDATES, D2PruneConfig
 from .engine import BlockInputs, check_finite, propagate, run_block, run_head, sequential
 from .errors import D2PruneError
 from .evaluate import window_nll
-from .modeling import eager_attention, find_prunable, set_weight_matrix, weight_matrix
-from .pruning import calibrate, prune_layers
+from .methods.base import LayerPruner
+from .methods.d2prune import D2Prune
+from .modeling import eager_attention
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("q", "k", "v")
+
+@dataclass
+class Candidate:
+    """One way of pruning the model in a search (freeze ``name``), and what it has produced so far."""
+
+    name: str
+    method: D2Prune
+    rows: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    hidden: Tensor | None = None  # auto: this candidate's activations (calibration, then held-out windows)
+    weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # auto: pruned weights per block, in CPU RAM
+
+    @property
+    def tag(self) -> str:
+        return f"[candidate: freeze {self.name}] "
 
 
-def _restore(layers: dict[str, nn.Module], weights: dict[str, Tensor]) -> None:
-    for n, m in layers.items():
-        set_weight_matrix(m, weights[n])
+def _candidates(method: D2Prune) -> dict[str, Candidate]:
+    return {c: Candidate(c, method.with_frozen(c)) for c in D2_CANDIDATES}
 
 
-def _engine_options(config) -> tuple[tuple[str, ...], bool]:
-    return (("hessian",) if config.layer_error else ()), config.share_inputs
+# --------------------------------------------------------------------------- auto
+@register_search
+class AutoSearch(CandidateSearch):
+    """Prune under each candidate in lock-step; keep the lowest held-out perplexity."""
 
+    config_type = D2PruneConfig
 
-def prune_auto(model, method, blocks, calibration: Tensor, heldout: Tensor | None, device, config, report) -> None:
-    """Prune under each candidate in lock-step; keep the lowest held-out ppl."""
-    extra, share = _engine_options(config)
-    if heldout is None or heldout.numel() == 0:
-        raise D2PruneError("--frozen auto scores candidates on held-out text: give held-out windows "
-                           "(the CLI takes them from calibration documents not used as samples)")
-    if heldout.shape[1] != calibration.shape[1]:
-        raise D2PruneError(f"held-out windows have {heldout.shape[1]} tokens, calibration {calibration.shape[1]}: use one seqlen")
-    t_start = time.perf_counter()
-    n_cal = calibration.shape[0]
-    methods = {c: method.with_frozen(c) for c in CANDIDATES}
-    hidden: dict[str, Tensor] = {}
-    weights: dict[str, dict[int, dict[str, Tensor]]] = {c: {} for c in CANDIDATES}
-    rows: dict[str, list] = {c: [] for c in CANDIDATES}
-    secs = {c: 0.0 for c in CANDIDATES}
-    shared = {"seconds": 0.0}
+    @classmethod
+    def applies(cls, config: D2PruneConfig) -> bool:
+        return config.frozen == "auto"
+
+    def __init__(self, method: D2Prune):
+        super().__init__(method)
+        self.candidates = _candidates(method)
+        self.shared_seconds = 0.0  # block 0's calibration pass, shared by every candidate
+
+    def run(self, run: PruneRun) -> PruneOutcome:
+        held = run.heldout
+        if held is None or held.numel() == 0:
+            raise D2PruneError("--frozen auto scores candidates on held-out text: give held-out windows "
+                               "(the CLI takes them from calibration documents not used as samples)")
+        if held.shape[1] != run.calibration.shape[1]:
+            raise D2PruneError(f"held-out windows have {held.shape[1]} tokens, calibration {run.calibration.shape[1]}: "
+                               "use one seqlen")
+        t_start = time.perf_counter()
+        inputs = sequential(run.model, torch.cat([run.calibration, held]), run.device,
+                            lambda i, block, inputs: self._step(run, i, block, inputs), desc="auto block",
+                            blocks=run.blocks, source=run.source)
+        loop_seconds = time.perf_counter() - t_start
+        scores = {c: self._heldout_ppl(run, cand, inputs) for c, cand in self.candidates.items()}
+        best = min(scores, key=scores.get)
+        for i, block in enumerate(run.blocks.layers):
+            BlockLayers.find(block, i, run.blocks.prefix).load(self.candidates[best].weights[i])
+        total = time.perf_counter() - t_start
+        secs = {c: cand.seconds for c, cand in self.candidates.items()}
+        capture = loop_seconds - sum(secs.values()) - self.shared_seconds
+        one_prune = capture + self.shared_seconds + sum(secs.values()) / len(secs)  # what a fixed choice would cost
+        summary = {
+            **self.candidates[best].method.summary(), "frozen": "auto", "chosen": best,
+            "heldout_ppl": scores, "heldout_windows": int(held.shape[0]),
+            "seconds_per_candidate": secs, "shared_seconds": capture + self.shared_seconds,
+            "total_seconds": total, "cost_vs_one_prune": total / one_prune if one_prune > 0 else None,
+        }
+        log.info("auto: held-out ppl %s -> freeze %s (%.1fx the cost of one prune)",
+                 {k: round(v, 3) for k, v in scores.items()}, best, summary["cost_vs_one_prune"] or 0)
+        return PruneOutcome(self.candidates[best].rows, summary)
 
     @torch.no_grad()
-    def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        layers = find_prunable(block)
-        qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
-        dense = {n: weight_matrix(m).detach().clone() for n, m in layers.items()}
-        prunes = {}
-        for c in CANDIDATES:
-            methods[c].begin_block(i, block, layers)
-            prunes[c] = {n: methods[c].layer(qual[n], m, i) for n, m in layers.items()}
+    def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        n_calib = run.calibration.shape[0]
+        layers = BlockLayers.find(block, i, run.blocks.prefix)
+        dense = layers.weights()
+        pruners = {c: layers.pruners(cand.method, block) for c, cand in self.candidates.items()}
         if i == 0:  # identical inputs for every candidate: one calibration pass, shared statistics
             t0 = time.perf_counter()
-            shared_obs = calibrate(block, i, inputs.hidden, inputs, layers,
-                                   {n: [prunes[c][n] for c in CANDIDATES] for n in layers}, extra, n_cal, share)
-            shared["seconds"] += time.perf_counter() - t0
-        for k, c in enumerate(CANDIDATES):
+            shared = calibrate(block, layers, inputs, {n: [p[n] for p in pruners.values()] for n in layers.layers},
+                               run.options, nsamples=n_calib)
+            self.shared_seconds += time.perf_counter() - t0
+        for k, (c, cand) in enumerate(self.candidates.items()):
             t0 = time.perf_counter()
-            _restore(layers, dense)
+            layers.load(dense)
             if i == 0:
-                obs, src = shared_obs, inputs.hidden
-                last = k == len(CANDIDATES) - 1
+                obs, src = shared, inputs.hidden
+                last = k == len(self.candidates) - 1
                 dst = inputs.hidden if last else inputs.new_buffer()  # the last one reuses the capture buffer
             else:
-                src = dst = hidden[c]
-                obs = calibrate(block, i, src, inputs, layers, {n: [prunes[c][n]] for n in layers}, extra, n_cal, share)
-            rows[c].extend(prune_layers(layers, prunes[c], obs.stats, qual, tag=f"[candidate: freeze {c}] "))
-            weights[c][i] = {n: weight_matrix(m).detach().to("cpu", copy=True) for n, m in layers.items()}
+                src = dst = cand.hidden
+                obs = calibrate(block, layers, inputs, {n: [pruners[c][n]] for n in layers.layers}, run.options,
+                                hidden=src, nsamples=n_calib)
+            cand.rows.extend(prune_layers(layers, pruners[c], obs.stats, tag=cand.tag))
+            cand.weights[i] = layers.weights("cpu")
             for j in range(src.shape[0]):  # calibration AND held-out windows
                 dst[j:j + 1] = run_block(block, src[j:j + 1], inputs.calls[i][j], inputs)
             check_finite(dst, f"the outputs of pruned block {i} (frozen {c})")
-            hidden[c] = dst
-            secs[c] += time.perf_counter() - t0
-        del dense
+            cand.hidden = dst
+            cand.seconds += time.perf_counter() - t0
 
-    t_cap = time.perf_counter()
-    inputs = sequential(model, torch.cat([calibration, heldout]), device, step, desc="auto block", blocks=blocks)
-    capture_and_loop = time.perf_counter() - t_cap
-    scores = {}
-    for c in CANDIDATES:
-        nll: list[float] = []
-        run_head(model, heldout, hidden[c][n_cal:], device, lambda j, lg: nll.append(window_nll(lg, heldout[j:j + 1])),
-                 inputs, blocks)
-        scores[c] = math.exp(sum(nll) / len(nll))
-    best = min(scores, key=scores.get)
-    for i, block in enumerate(blocks.layers):
-        layers = find_prunable(block)
-        for n, m in layers.items():
-            set_weight_matrix(m, weights[best][i][n].to(m.weight.device))
-    report.layers.extend(rows[best])
-    total = time.perf_counter() - t_start
-    capture = capture_and_loop - sum(secs.values()) - shared["seconds"]
-    one_prune = capture + shared["seconds"] + sum(secs.values()) / len(secs)  # what a fixed choice would have cost
-    report.method = {
-        **methods[best].summary(), "frozen": "auto", "chosen": best,
-        "heldout_ppl": scores, "heldout_windows": int(heldout.shape[0]),
-        "seconds_per_candidate": secs, "shared_seconds": capture + shared["seconds"],
-        "total_seconds": total, "cost_vs_one_prune": total / one_prune if one_prune > 0 else None,
-    }
-    log.info("auto: held-out ppl %s -> freeze %s (%.1fx the cost of one prune)",
-             {k: round(v, 3) for k, v in scores.items()}, best, report.method["cost_vs_one_prune"] or 0)
+    def _heldout_ppl(self, run: PruneRun, cand: Candidate, inputs: BlockInputs) -> float:
+        held, nll = run.heldout, []
+        run_head(run.model, held, cand.hidden[run.calibration.shape[0]:], run.device,
+                 lambda j, logits: nll.append(window_nll(logits, held[j:j + 1])), inputs, run.blocks, run.source)
+        return math.exp(sum(nll) / len(nll))
 
 
-def prune_per_layer(model, method, blocks, calibration: Tensor, heldout, device, config, report) -> None:
+# --------------------------------------------------------------------------- per-layer (eq 12)
+@dataclass
+class BlockChoice:
+    """Eq 12's terms for each candidate of one block, and the choice."""
+
+    frozen: str
+    objective: dict[str, float]
+    block_error: dict[str, float]
+    attention_kl: dict[str, float]
+
+
+@dataclass
+class _Trial:
+    """A candidate pruned on a copy of the dense block."""
+
+    block: nn.Module
+    attention: nn.Module
+    rows: list[LayerReport]
+    squared_error: float = 0.0  # sum ||B~(X) - B(X)||^2
+    kl: float = 0.0             # sum over attention rows of KL(attn~ || attn)
+
+
+@register_search
+class PerLayerSearch(CandidateSearch):
     """Eq 12 block by block: min over q/k/v of block error + rho * attention KL."""
-    extra, share = _engine_options(config)
-    rho = method.config.rho
-    methods = {c: method.with_frozen(c) for c in CANDIDATES}
-    choices: dict[str, dict] = {}
+
+    config_type = D2PruneConfig
+
+    @classmethod
+    def applies(cls, config: D2PruneConfig) -> bool:
+        return config.frozen == "per-layer"
+
+    def __init__(self, method: D2Prune):
+        super().__init__(method)
+        self.rho = method.config.rho
+        self.candidates = _candidates(method)
+        self.choices: dict[int, BlockChoice] = {}
+        self.rows: list[LayerReport] = []
+
+    def run(self, run: PruneRun) -> PruneOutcome:
+        with eager_attention(run.model):  # explicit masks and attention probabilities
+            sequential(run.model, run.calibration, run.device, lambda i, block, inputs: self._step(run, i, block, inputs),
+                       desc="per-layer block", blocks=run.blocks, source=run.source)
+        per_block = {str(i): asdict(c) for i, c in self.choices.items()}
+        summary = {"variant": self.method.config.variant, "frozen": "per-layer", "rho": self.rho,
+                   "frozen_per_block": {k: [v["frozen"]] for k, v in per_block.items()}, "per_block": per_block}
+        return PruneOutcome(self.rows, summary)
 
     @torch.no_grad()
-    def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        layers = find_prunable(block)
-        qual = {n: f"{blocks.prefix}.{i}.{n}" for n in layers}
-        dense_block = block  # still dense: the chosen weights are copied in at the end of the step
-        dense_attn = find_attention(dense_block, f" (block {i})")
-        prunes = {}
-        for c in CANDIDATES:
-            methods[c].begin_block(i, block, layers)
-            prunes[c] = {n: methods[c].layer(qual[n], m, i) for n, m in layers.items()}
-        obs = calibrate(block, i, inputs.hidden, inputs, layers, {n: [prunes[c][n] for c in CANDIDATES] for n in layers},
-                        extra, share=share)
-        cands, cand_rows = {}, {}
-        for c in CANDIDATES:
-            cb = copy.deepcopy(dense_block)
-            cl = find_prunable(cb)
-            cand_rows[c] = prune_layers(cl, prunes[c], {n: obs.stats[n] for n in cl}, qual,
-                                        tag=f"[candidate: freeze {c}] ")
-            cands[c] = (cb, find_attention(cb))
+    def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        prefix = run.blocks.prefix
+        layers = BlockLayers.find(block, i, prefix)  # the block stays dense until the choice is copied in
+        pruners = {c: layers.pruners(cand.method, block) for c, cand in self.candidates.items()}
+        obs = calibrate(block, layers, inputs, {n: [p[n] for p in pruners.values()] for n in layers.layers},
+                        run.options)
+        trials = {c: self._trial(block, i, prefix, pruners[c], obs.stats, cand.tag)
+                  for c, cand in self.candidates.items()}
         del obs
-        num = {c: 0.0 for c in CANDIDATES}
-        kl = {c: 0.0 for c in CANDIDATES}
-        den, rows_seen = 0.0, 0
-        for j in range(inputs.hidden.shape[0]):
-            x, call = inputs.hidden[j:j + 1], inputs.calls[i][j]
-            y_d, p_d, _ = run_with_attention(dense_block, dense_attn, x, call, inputs)
-            den += float((y_d.float() ** 2).sum())
-            rows_seen += p_d.shape[0] * p_d.shape[1] * p_d.shape[2]
-            for c, (cb, ca) in cands.items():
-                y_c, p_c, _ = run_with_attention(cb, ca, x, call, inputs)
-                num[c] += float(((y_c.float() - y_d.float()) ** 2).sum())
-                kl[c] += float(kl_rows(p_c, p_d).sum())
-        objective = {c: num[c] / max(den, 1e-30) + rho * kl[c] / max(rows_seen, 1) for c in CANDIDATES}
-        best = min(objective, key=objective.get)
-        best_layers = find_prunable(cands[best][0])
-        for n, m in layers.items():
-            set_weight_matrix(m, weight_matrix(best_layers[n]))
-        report.layers.extend(cand_rows[best])
-        choices[str(i)] = {"frozen": best, "objective": objective,
-                           "block_error": {c: num[c] / max(den, 1e-30) for c in CANDIDATES},
-                           "attention_kl": {c: kl[c] / max(rows_seen, 1) for c in CANDIDATES}}
-        log.info("block %d: per-layer objective %s -> freeze %s", i, {k: f"{v:.4g}" for k, v in objective.items()}, best)
-        del cands
+        choice = self._choose(block, i, inputs, trials)
+        self.choices[i] = choice
+        layers.load(BlockLayers.find(trials[choice.frozen].block, i, prefix).weights())
+        self.rows.extend(trials[choice.frozen].rows)
+        log.info("block %d: per-layer objective %s -> freeze %s", i,
+                 {k: f"{v:.4g}" for k, v in choice.objective.items()}, choice.frozen)
+        del trials
         propagate(block, i, inputs)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 
-    with eager_attention(model):  # explicit masks and attention probabilities
-        sequential(model, calibration, device, step, desc="per-layer block", blocks=blocks)
-    report.method = {"variant": method.config.variant, "frozen": "per-layer", "rho": rho,
-                     "frozen_per_block": {k: [v["frozen"]] for k, v in choices.items()}, "per_block": choices}
+    @staticmethod
+    def _trial(block: nn.Module, i: int, prefix: str, pruners: dict[str, LayerPruner], stats, tag: str) -> _Trial:
+        pruned = copy.deepcopy(block)
+        rows = prune_layers(BlockLayers.find(pruned, i, prefix), pruners, stats, tag=tag)
+        return _Trial(pruned, find_attention(pruned), rows)
+
+    def _choose(self, block: nn.Module, i: int, inputs: BlockInputs, trials: dict[str, _Trial]) -> BlockChoice:
+        dense_attention = find_attention(block, f" (block {i})")
+        dense_sq, attention_rows = 0.0, 0
+        for j in range(inputs.hidden.shape[0]):
+            x, call = inputs.hidden[j:j + 1], inputs.calls[i][j]
+            y_dense, p_dense, _ = run_with_attention(block, dense_attention, x, call, inputs)
+            dense_sq += float((y_dense.float() ** 2).sum())
+            attention_rows += p_dense.shape[0] * p_dense.shape[1] * p_dense.shape[2]
+            for t in trials.values():
+                y, p, _ = run_with_attention(t.block, t.attention, x, call, inputs)
+                t.squared_error += float(((y.float() - y_dense.float()) ** 2).sum())
+                t.kl += float(kl_rows(p, p_dense).sum())
+        error = {c: t.squared_error / max(dense_sq, TINY) for c, t in trials.items()}
+        kl = {c: t.kl / max(attention_rows, 1) for c, t in trials.items()}
+        objective = {c: t.squared_error / max(dense_sq, TINY) + self.rho * t.kl / max(attention_rows, 1)
+                     for c, t in trials.items()}
+        return BlockChoice(min(objective, key=objective.get), objective, error, kl)

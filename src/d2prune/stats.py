@@ -15,7 +15,7 @@ Methods register further accumulators with :func:`register_accumulator`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import torch
 from torch import Tensor
@@ -30,14 +30,23 @@ def as_columns(x: Tensor) -> tuple[Tensor, int]:
     return x.reshape(-1, x.shape[-1]).t(), b
 
 
+# A statistic is requested by its accumulator's ``key`` (``"hessian"``) or by a
+# tuple ``(key, *args)`` whose arguments go to the constructor (D²Prune's
+# ``("d2_dx_mean", 1500.0)``), so different settings never share a buffer.
+StatKey = Union[str, tuple]
+
+
+def _as_tuple(key: StatKey) -> tuple:
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
 class Accumulator:
-    """A running statistic of a layer input. Subclasses set ``key``; a key
-    requested as ``"name:arg"`` passes ``float(arg)`` to the constructor (e.g.
-    D²Prune's scale ``s``), so different settings never share a buffer."""
+    """A running statistic of a layer input. Subclasses set ``key``; the
+    constructor receives the extra arguments of a tuple :data:`StatKey`."""
 
     key: str = ""
 
-    def __init__(self, d_in: int, device: torch.device, *params: float):
+    def __init__(self, d_in: int, device: torch.device, *params):
         self.n = 0
 
     def update(self, x: Tensor) -> None:  # pragma: no cover - abstract
@@ -94,9 +103,9 @@ register_accumulator(RunningHessian)
 register_accumulator(RunningSqNorm)
 
 
-def make_accumulator(key: str, d_in: int, device: torch.device) -> Accumulator:
-    name, *params = key.split(":")
-    return ACCUMULATORS[name](d_in, device, *(float(p) for p in params))
+def make_accumulator(key: StatKey, d_in: int, device: torch.device) -> Accumulator:
+    name, *params = _as_tuple(key)
+    return ACCUMULATORS[name](d_in, device, *params)
 
 
 class InputStats:
@@ -104,20 +113,20 @@ class InputStats:
     from them (e.g. the damped inverse-Hessian Cholesky factor), so layers that
     share the input also share the derived work."""
 
-    def __init__(self, d_in: int, device: torch.device, kinds: Iterable[str]):
-        self.d_in = d_in
-        self.acc: dict[str, Accumulator] = {k: make_accumulator(k, d_in, device) for k in sorted(set(kinds))}
+    def __init__(self, d_in: int, device: torch.device, kinds: Iterable[StatKey]):
+        self.acc: dict[tuple, Accumulator] = {k: make_accumulator(k, d_in, device)
+                                              for k in sorted({_as_tuple(k) for k in kinds})}
         self._cache: dict = {}
 
     def update(self, x: Tensor) -> None:
         for a in self.acc.values():
             a.update(x)
 
-    def __getitem__(self, key: str) -> Accumulator:
-        return self.acc[key]
+    def __getitem__(self, key: StatKey) -> Accumulator:
+        return self.acc[_as_tuple(key)]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.acc
+    def __contains__(self, key: StatKey) -> bool:
+        return _as_tuple(key) in self.acc
 
     def cached(self, key, compute: Callable[[], object]):
         """``compute()`` once per key (e.g. ``("hinv", percdamp)``)."""

@@ -128,7 +128,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         dense, tok, _ = load_model(model_name, dtype=resolve_dtype(cfg.dtype, cfg.device))
         seqlen = cfg.data.seqlen or default_seqlen(dense)
         check_seqlen(dense, seqlen)
-        need_held = any(getattr(m, "frozen", None) == "auto" for m, _ in cells)
+        need_held = any(m.needs_heldout for m, _ in cells)
         calib, held = calibration_for(tok, cfg.data, seqlen, need_held)
         windows = eval_windows(tok, eval_text("wikitext2", cfg.data.eval_file), seqlen)
         common = {"model": label, "nsamples": cfg.data.nsamples, "seqlen": seqlen,

@@ -3,8 +3,11 @@
 A method is a :class:`Method` (one per run, built from its frozen config) that
 hands the engine one thin :class:`LayerPruner` per Linear. The engine owns
 everything else: finding blocks, hooks, shared input statistics, moving data,
-writing weights back, errors and timing. Adding a method = one file with its
-tensor math + a ``LayerPruner`` + ``@register``; the engine does not change.
+writing weights back, errors and timing. Adding a method = one file in this
+folder with its config (a :class:`~d2prune.config.MethodConfig` whose fields
+are its options, command line included), its tensor math, a ``LayerPruner``
+and ``@register``, plus one import line in ``methods/__init__.py``; nothing
+else changes (``methods/ria.py`` is such a file).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig, Sparsity
-from ..stats import InputStats
+from ..config import MethodConfig, Sparsity, register_method_config
+from ..stats import InputStats, StatKey
 
 
 class LayerPruner:
@@ -28,13 +31,12 @@ class LayerPruner:
     returns the new weight and the mask (``True`` = pruned).
     """
 
-    input_stats: tuple[str, ...] = ()
+    input_stats: tuple[StatKey, ...] = ()
     wants_output: bool = False
     label: str = ""  # how the layer was pruned, for the per-layer report
 
-    def __init__(self, name: str, module: nn.Module, sparsity: Sparsity):
+    def __init__(self, name: str, sparsity: Sparsity):
         self.name = name
-        self.module = module
         self.sparsity = sparsity
 
     def observe_output(self, y: Tensor) -> None:
@@ -63,12 +65,6 @@ class Method:
     def layer(self, name: str, module: nn.Module, block_index: int) -> LayerPruner:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def driver(self):
-        """A search that drives the engine itself (D²Prune ``auto`` /
-        ``per-layer``), or None for the plain block loop. Signature:
-        ``driver(model, method, blocks, calibration, heldout, device, config, report)``."""
-        return None
-
     def summary(self) -> dict:
         """Extra facts for d2prune.json (choices made during the run)."""
         return {}
@@ -86,8 +82,11 @@ REGISTRY: dict[type[MethodConfig], type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Map a method config type to its handler (torchao-style registry)."""
+    """Map a method config type to its handler (torchao-style registry) and
+    make the config reachable by its name (``--method``, ``PruneConfig(method=...)``,
+    sweep specs)."""
     REGISTRY[cls.config_type] = cls
+    register_method_config(cls.config_type)
     return cls
 
 

@@ -10,7 +10,9 @@ Two kinds of layers:
   ``S = W^2 a_j + r1 * y_i |W_ij| dx_j^e - r2 * W^2 dx_j^2``, per row or N:M.
 
 ``y_i`` = per-output-channel activation magnitude / s, ``dx_j`` = per-input-
-channel magnitude / s (dx = lambda * x, eqs 13-15). Variants (docs/method.md §3.1):
+channel magnitude / s (dx = lambda * x, eqs 13-15). The variants
+(docs/method.md §3.1) differ in three switches, tabled as
+:data:`d2prune.config.D2_VARIANTS`:
 
 * ``faithful`` - the authors' code (20250516aaa/D2Prune HEAD b22c860), quirks
   included: ``y`` and ``dx`` are running buffers updated ``buf *= n/(n+1);
@@ -31,11 +33,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ..config import D2PruneConfig, Sparsity
+from ..config import D2PruneConfig, D2Variant, Sparsity
 from ..masks import row_mask
 from ..errors import D2PruneError
 from ..modeling import qkv_parts, weight_matrix
-from ..stats import Accumulator, as_columns, register_accumulator
+from ..stats import Accumulator, StatKey, as_columns, register_accumulator
 from .base import LayerPruner, Method, register
 from .sparsegpt import hessian_factor, obs_prune
 
@@ -158,10 +160,12 @@ def outlier_ratio(W: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- per-layer wrappers
-def _dx_key(variant: str, updated: bool, s: float) -> str:
-    if variant == "normalized":
-        return f"d2_dx_mean:{s!r}"
-    return f"d2_dx_scaled_iw:{s!r}" if updated else f"d2_dx_raw_iw:{s!r}"
+def dx_key(variant: D2Variant, updated: bool, s: float) -> StatKey:
+    """The ``dx`` accumulator a layer reads: plain mean, or the authors' running
+    buffer of the raw input (D2-Wanda) or of the rescaled input (D2-SparseGPT)."""
+    if not variant.index_weighted:
+        return (InputNormMean.key, s)
+    return (ScaledInputNormIW.key if updated and variant.rescaled_dx else InputNormIW.key, s)
 
 
 class _D2Layer(LayerPruner):
@@ -171,11 +175,11 @@ class _D2Layer(LayerPruner):
     wants_output = True
     updated: bool = True
 
-    def __init__(self, name, module, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
-        super().__init__(name, module, sparsity)
-        self.cfg, self.rows = cfg, rows
-        self.dx_key = _dx_key(cfg.variant, self.updated, cfg.s)
-        self.y = OutputNorm(cfg.s, cfg.variant != "normalized")
+    def __init__(self, name, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
+        super().__init__(name, sparsity)
+        self.cfg, self.rows, self.variant = cfg, rows, cfg.numerics
+        self.dx_key = dx_key(self.variant, self.updated, cfg.s)
+        self.y = OutputNorm(cfg.s, self.variant.index_weighted)
 
     def observe_output(self, y):
         self.y.update(y if self.rows is None else y[..., self.rows])
@@ -205,7 +209,7 @@ class D2WandaLayer(_D2Layer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_stats = ("sq_norm", self.dx_key)
-        self.e = 0 if self.cfg.variant == "faithful" else 1
+        self.e = self.variant.wanda_dx_exponent
 
     def prune(self, W, stats):
         score = d2_wanda_score(W, stats["sq_norm"].value, self.y.value, stats[self.dx_key].value,
@@ -221,10 +225,10 @@ class RowSplitLayer(LayerPruner):
 
     wants_output = True
 
-    def __init__(self, name, module, sparsity, parts: list[tuple[slice, LayerPruner]]):
-        super().__init__(name, module, sparsity)
+    def __init__(self, name, sparsity, parts: list[tuple[slice, LayerPruner]]):
+        super().__init__(name, sparsity)
         self.parts = parts
-        self.input_stats = tuple(sorted({k for _, p in parts for k in p.input_stats}))
+        self.input_stats = tuple(dict.fromkeys(k for _, p in parts for k in p.input_stats))
         self.label = "+".join(p.label for _, p in parts)
 
     def observe_output(self, y):
@@ -241,7 +245,8 @@ class RowSplitLayer(LayerPruner):
 @register
 class D2Prune(Method):
     """D²Prune with a fixed frozen set or the ``outlier`` rule; ``auto`` and
-    ``per-layer`` are searches over this method (:mod:`d2prune.selection`)."""
+    ``per-layer`` are searches over this method, registered for its config
+    (:mod:`d2prune.selection`)."""
 
     config_type = D2PruneConfig
 
@@ -253,13 +258,6 @@ class D2Prune(Method):
 
     def prepare(self, model, calibration, device):
         self.model_config = model.config
-
-    def driver(self):
-        if self.config.frozen in ("auto", "per-layer"):
-            from .. import selection
-
-            return selection.prune_auto if self.config.frozen == "auto" else selection.prune_per_layer
-        return None
 
     def with_frozen(self, frozen: str) -> "D2Prune":
         m = D2Prune(replace(self.config, frozen=frozen), self.sparsity)
@@ -294,11 +292,11 @@ class D2Prune(Method):
         cfg, sp = self.config, self.sparsity
         parts = qkv_parts(name, module, self.model_config) if frozen else None
         if not parts or not any(role in frozen for role, _ in parts):
-            return D2SparseGPTLayer(name, module, sp, cfg)
+            return D2SparseGPTLayer(name, sp, cfg)
         if len(parts) == 1:
-            return D2WandaLayer(name, module, sp, cfg)
-        return RowSplitLayer(name, module, sp, [
-            (rows, (D2WandaLayer if role in frozen else D2SparseGPTLayer)(f"{name}[{role}]", module, sp, cfg, rows))
+            return D2WandaLayer(name, sp, cfg)
+        return RowSplitLayer(name, sp, [
+            (rows, (D2WandaLayer if role in frozen else D2SparseGPTLayer)(f"{name}[{role}]", sp, cfg, rows))
             for role, rows in parts
         ])
 

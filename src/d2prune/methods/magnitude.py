@@ -29,4 +29,4 @@ class Magnitude(Method):
     config_type = MagnitudeConfig
 
     def layer(self, name, module, block_index):
-        return MagnitudeLayer(name, module, self.sparsity)
+        return MagnitudeLayer(name, self.sparsity)

@@ -87,8 +87,8 @@ def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) 
 class PrunerZeroLayer(LayerPruner):
     label = "pruner-zero"
 
-    def __init__(self, name, module, sparsity, G: Tensor):
-        super().__init__(name, module, sparsity)
+    def __init__(self, name, sparsity, G: Tensor):
+        super().__init__(name, sparsity)
         self.G = G
 
     def prune(self, W, stats):
@@ -113,4 +113,4 @@ class PrunerZero(Method):
                 self.G = gradient_norms(model, calibration, device)
 
     def layer(self, name, module, block_index):
-        return PrunerZeroLayer(name, module, self.sparsity, self.G.pop(name))
+        return PrunerZeroLayer(name, self.sparsity, self.G.pop(name))

@@ -144,8 +144,8 @@ class SparseGPTLayer(LayerPruner):
     input_stats = ("hessian",)
     label = "sparsegpt"
 
-    def __init__(self, name, module, sparsity, config: SparseGPTConfig):
-        super().__init__(name, module, sparsity)
+    def __init__(self, name, sparsity, config: SparseGPTConfig):
+        super().__init__(name, sparsity)
         self.config = config
 
     def prune(self, W, stats):
@@ -158,4 +158,4 @@ class SparseGPT(Method):
     config_type = SparseGPTConfig
 
     def layer(self, name, module, block_index):
-        return SparseGPTLayer(name, module, self.sparsity, self.config)
+        return SparseGPTLayer(name, self.sparsity, self.config)

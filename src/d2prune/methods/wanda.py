@@ -35,4 +35,4 @@ class Wanda(Method):
     config_type = WandaConfig
 
     def layer(self, name, module, block_index):
-        return WandaLayer(name, module, self.sparsity)
+        return WandaLayer(name, self.sparsity)

@@ -1,0 +1,281 @@
+"""One block's calibration and pruning, and the contract of what drives it.
+
+Below both the plain prune (:mod:`d2prune.pruning`) and the searches over
+candidate settings (:mod:`d2prune.selection`), so neither imports the other:
+
+* :class:`BlockLayers` - a block's prunable Linears with their qualified
+  names, and the method's per-layer wrappers for them;
+* :func:`calibrate` - the block's dense calibration pass: hooks feed one
+  :class:`~d2prune.stats.InputStats` per distinct input tensor (Linears
+  reading the same tensor - q/k/v, gate/up - share it) and every wrapper that
+  watches its layer's output (:class:`BlockObserver`);
+* :func:`prune_layers` - every Linear pruned by its wrapper, one
+  :class:`LayerReport` each: shape, achieved sparsity, the reconstruction
+  error ``||WX - W'X||^2 / ||WX||^2`` on the calibration inputs, time;
+* :class:`PruneRun` / :class:`PruneOutcome` - what a driver over the blocks
+  (the plain loop or a :class:`CandidateSearch`) is given and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .config import MethodConfig, PruneConfig
+from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block
+from .methods.base import LayerPruner, Method
+from .modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
+from .resume import WorkFolder
+from .stats import InputStats, StatKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float | None
+    seconds: float
+    how: str = ""
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What a calibration pass collects besides the methods' own statistics.
+
+    ``extra_stats``: e.g. ``("hessian",)`` for the per-layer reconstruction
+    error; ``share_inputs``: one statistics object per distinct input tensor
+    (False: one per Linear, the references' way; same numbers, more work)."""
+
+    extra_stats: tuple[StatKey, ...] = ()
+    share_inputs: bool = True
+
+    @classmethod
+    def of(cls, config: PruneConfig) -> "CalibrationOptions":
+        return cls(("hessian",) if config.layer_error else (), config.share_inputs)
+
+
+def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """``||W X - W' X||^2 / ||W X||^2`` over the calibration inputs, from the
+    (scaled) Gram matrix ``H`` of ``X``: ``tr(dW H dW^T) / tr(W H W^T)``."""
+    dW = W - W_new
+    num = float((dW @ H * dW).sum())
+    den = float((W @ H * W).sum())
+    return num / den if den > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- a block's layers
+@dataclass
+class BlockLayers:
+    """The prunable Linears (and GPT-2 ``Conv1D``) of block ``index`` by name
+    inside the block, and their qualified names (``model.layers.3.mlp.up_proj``)."""
+
+    index: int
+    layers: dict[str, nn.Module]
+    qualified: dict[str, str]
+
+    @classmethod
+    def find(cls, block: nn.Module, index: int, prefix: str) -> "BlockLayers":
+        layers = find_prunable(block)
+        return cls(index, layers, {n: f"{prefix}.{index}.{n}" for n in layers})
+
+    def pruners(self, method: Method, block: nn.Module) -> dict[str, LayerPruner]:
+        """The method's wrapper for every layer (the method sees the dense block first)."""
+        method.begin_block(self.index, block, self.layers)
+        return {n: method.layer(self.qualified[n], m, self.index) for n, m in self.layers.items()}
+
+    def weights(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Copies of the ``[d_out, d_in]`` weight matrices (on ``device``, default where they are)."""
+        return {n: weight_matrix(m).detach().to(device or m.weight.device, copy=True) for n, m in self.layers.items()}
+
+    def load(self, weights: dict[str, Tensor]) -> None:
+        """Write ``[d_out, d_in]`` matrices (e.g. from :meth:`weights`) into the layers."""
+        for n, m in self.layers.items():
+            set_weight_matrix(m, weights[n].to(m.weight.device))
+
+
+# --------------------------------------------------------------------------- calibration pass
+def _identity(x: Tensor) -> tuple:
+    return (x.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+
+
+class BlockObserver:
+    """Forward hooks for one block's dense calibration pass.
+
+    Linears reading the same tensor share one :class:`InputStats`. The groups
+    are found on the first sample from tensor identity (its inputs are kept as
+    copies until every member has declared which statistics it needs); from
+    the second sample on, each group's statistics are updated inside the hook
+    of its first member, as the references do. Output watchers (every pruner
+    listed for a Linear, e.g. one per search candidate) are fed in the hook.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], watchers: dict[str, list[LayerPruner]], device: torch.device,
+                 options: CalibrationOptions):
+        self.layers, self.watchers, self.device, self.options = layers, watchers, device, options
+        self.first: dict[str, list[tuple[tuple, Tensor, Tensor]]] = {}  # sample 0: (identity, input, copy) per call
+        self.stats: dict[str, InputStats] = {}
+        self.leaders: set[str] = set()
+
+    def hooks(self):
+        def make(name: str):
+            outputs = [p for p in self.watchers[name] if p.wants_output]
+
+            def hook(module, inp, out):
+                x = inp[0].detach()
+                if not self.stats:
+                    # keep x itself alive too: a freed input's address could be reused by a later
+                    # Linear's input within this forward, and identity keys would then collide
+                    self.first.setdefault(name, []).append((_identity(x), x, x.clone()))
+                elif name in self.leaders:
+                    self.stats[name].update(x)
+                if outputs:
+                    y = (out[0] if isinstance(out, tuple) else out).detach()
+                    for p in outputs:
+                        p.observe_output(y)
+            return hook
+        return {m: make(n) for n, m in self.layers.items()}
+
+    def end_sample(self) -> None:
+        if self.stats:
+            return
+        self._group()
+        for leader in self.leaders:
+            for _, _, x in self.first.get(leader, []):
+                self.stats[leader].update(x)
+        self.first.clear()
+
+    def _group(self) -> None:
+        groups: dict = {}
+        for name in self.layers:
+            calls = self.first.get(name)
+            key = calls[0][0] if calls and self.options.share_inputs else ("own", name)
+            groups.setdefault(key, []).append(name)
+        for names in groups.values():
+            kinds = set(self.options.extra_stats)
+            for n in names:
+                for p in self.watchers[n]:
+                    kinds.update(p.input_stats)
+            st = InputStats(in_features(self.layers[names[0]]), self.device, kinds)
+            self.leaders.add(names[0])
+            for n in names:
+                self.stats[n] = st
+        if len(groups) < len(self.layers):
+            log.debug("shared input statistics: %s", [v for v in groups.values() if len(v) > 1])
+
+
+@torch.no_grad()
+def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watchers: dict[str, list[LayerPruner]],
+              options: CalibrationOptions, hidden: Tensor | None = None, nsamples: int | None = None) -> BlockObserver:
+    """Dense calibration pass of the block over ``hidden[:nsamples]`` (default:
+    ``inputs.hidden``, every sample); ``watchers``: the wrappers of each layer
+    whose statistics to collect (several per layer in a search)."""
+    hidden = inputs.hidden if hidden is None else hidden
+    param = next(block.parameters(), None)  # statistics live with the block (activations may be offloaded)
+    obs = BlockObserver(layers.layers, watchers, param.device if param is not None else hidden.device, options)
+    with forward_hooks(obs.hooks()):
+        for j in range(hidden.shape[0] if nsamples is None else nsamples):
+            run_block(block, hidden[j:j + 1], inputs.calls[layers.index][j], inputs)
+            obs.end_sample()
+    return obs
+
+
+@torch.no_grad()
+def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: dict[str, InputStats],
+                 tag: str = "") -> list[LayerReport]:
+    """Prune every layer with its wrapper; one report row per layer (logged,
+    prefixed by ``tag``, e.g. the candidate of a search)."""
+    rows = []
+    for n, layer in layers.layers.items():
+        t1 = time.perf_counter()
+        st, name = stats[n], layers.qualified[n]
+        for t in st.tensors():
+            check_finite(t, f"the calibration statistics of {name}")
+        W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
+        W_new, _ = pruners[n].prune(W.clone(), st)
+        set_weight_matrix(layer, W_new)
+        err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
+        achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
+        row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label)
+        rows.append(row)
+        log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
+                 f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
+    return rows
+
+
+# --------------------------------------------------------------------------- driver contract
+@dataclass
+class PruneRun:
+    """Everything a driver over the blocks needs (one prune call).
+
+    ``calibration`` ``[N, L]`` and ``heldout`` ``[H, L]`` (or None) token ids;
+    ``source``: where the blocks live and the dtype they compute in;
+    ``work``: the resume folder of an interruptible run, or None."""
+
+    model: nn.Module
+    blocks: Blocks
+    source: BlockSource
+    calibration: Tensor
+    heldout: Tensor | None
+    device: torch.device
+    options: CalibrationOptions
+    work: WorkFolder | None = None
+
+
+@dataclass
+class PruneOutcome:
+    """What a driver returns: the report rows (one per pruned layer, in block
+    order), the method's facts and choices for ``d2prune.json``, the seconds
+    spent in calibration passes, and the first block this call pruned (> 0:
+    an interrupted run was resumed)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    calib_seconds: float = 0.0
+    resumed_from: int = 0
+
+
+class CandidateSearch:
+    """Prunes the model under several candidate settings of one method and
+    keeps one (D²Prune's ``frozen="auto"`` / ``"per-layer"``).
+
+    A subclass names the method config it serves (``config_type``) and says
+    when it applies (:meth:`applies`); :func:`register_search` makes
+    :func:`find_search` return it for such configs, so the plain prune never
+    needs to know which methods search."""
+
+    config_type: ClassVar[type[MethodConfig]]
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    @classmethod
+    def applies(cls, config: MethodConfig) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, run: PruneRun) -> PruneOutcome:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+SEARCHES: dict[type[MethodConfig], list[type[CandidateSearch]]] = {}
+
+
+def register_search(cls: type[CandidateSearch]) -> type[CandidateSearch]:
+    """Offer a search for its ``config_type`` (checked in registration order)."""
+    SEARCHES.setdefault(cls.config_type, []).append(cls)
+    return cls
+
+
+def find_search(method: Method) -> CandidateSearch | None:
+    """The search that drives ``method``'s run, or None for the plain block loop."""
+    for cls in SEARCHES.get(type(method.config), ()):
+        if cls.applies(method.config):
+            return cls(method)
+    return None
