@@ -13,13 +13,16 @@ Every user-fixable problem ends as ``d2prune: error: <one line>`` (exit 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from .config import METHOD_CONFIGS, PruneConfig, method_config
+from .config import METHOD_CONFIGS, MethodConfig, PruneConfig, method_config, method_fields
 from .errors import D2PruneError
+from .pipeline import DataConfig
+from .zeroshot import DEFAULT_BATCH_SIZE
 
 
 def _int_or_none(v: str) -> int | None:
@@ -37,17 +40,20 @@ def _seqlen(v: str) -> int | str:
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    g.add_argument("--nsamples", type=int, default=DataConfig.nsamples,
+                   help=f"calibration samples (default {DataConfig.nsamples})")
     g.add_argument("--seqlen", type=_seqlen, default=None,
                    help="tokens per sample / eval window (default: model context, max 2048; 'max': the full context, "
                         "as the D2Prune and Wanda papers)")
-    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    g.add_argument("--seed", type=int, default=DataConfig.seed,
+                   help=f"calibration sampling seed (default {DataConfig.seed})")
     g.add_argument("--calib-file", default=None, help="local C4 .jsonl[.gz] (field 'text'); default: the hub shard via datasets")
     g.add_argument("--eval-file", default=None, help="local WikiText-2 test .jsonl or .raw; default: the hub via datasets")
     g.add_argument("--c4-eval-file", default=None, help="also report C4 perplexity on this validation .jsonl")
     g.add_argument("--eval-windows", type=_int_or_none, default=None, help="evaluate only the first N windows (recorded)")
-    g.add_argument("--heldout-windows", type=int, default=16,
-                   help="--frozen auto: held-out windows (from calibration documents not sampled) to score candidates")
+    g.add_argument("--heldout-windows", type=int, default=DataConfig.heldout_windows,
+                   help="held-out windows (from calibration documents not sampled) on which a search scores its "
+                        f"candidates (d2prune --frozen auto; default {DataConfig.heldout_windows})")
     g.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
 
 
@@ -59,7 +65,8 @@ def add_zeroshot_flags(p: argparse.ArgumentParser, with_switch: bool = False) ->
                    help="comma list (default: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa)")
     g.add_argument("--limit", type=float, default=None, help="items per task (int) or fraction (<1), recorded")
     g.add_argument("--task-data", default=None, help="folder laid out like ../shared/data/zeroshot (default: found beside the checkout)")
-    g.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"lm-eval batch size (default {DEFAULT_BATCH_SIZE})")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -67,6 +74,48 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights dtype (auto: checkpoint dtype; float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: autodetect)")
+
+
+def _flag_type(default):
+    """argparse type of a method option, from its dataclass default."""
+    if isinstance(default, bool):
+        def yes_no(v: str) -> bool:
+            if v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if v.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+        return yes_no
+    return type(default) if isinstance(default, (int, float)) else str
+
+
+def _shown(default) -> str:
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per option (dataclass field) of every registered method config,
+    grouped under the first method that has it: ``--frozen``, ``--blocksize``...
+    The help comes from the field's metadata; the flag's own default is None,
+    so an unset flag leaves the dataclass default (named in the help) in place."""
+    shown: set[str] = set()
+    fields = method_fields()
+    for cls in METHOD_CONFIGS.values():
+        own = [f for f in dataclasses.fields(cls) if f.name not in shown]
+        if not own:
+            continue
+        g = p.add_argument_group(f"{cls.name} options")
+        for f in own:
+            shown.add(f.name)
+            users: list[tuple[type[MethodConfig], dataclasses.Field]] = fields[f.name]
+            defaults = {u.name: _shown(uf.default) for u, uf in users}
+            if len(set(defaults.values())) == 1:
+                default = f"default {_shown(f.default)}"
+            else:
+                default = "default " + ", ".join(f"{name} {d}" for name, d in defaults.items())
+            methods = f"; used by {', '.join(defaults)}" if len(defaults) > 1 else ""
+            g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f.default), default=None,
+                           help=f"{f.metadata.get('help', f.name)} ({default}{methods})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,16 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--method", default="sparsegpt", choices=sorted(METHOD_CONFIGS), help="pruning method")
     p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
-    p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block (default 128)")
-    p.add_argument("--percdamp", type=float, default=None, help="SparseGPT damping (default 0.01)")
-    d2 = p.add_argument_group("d2prune")
-    d2.add_argument("--frozen", default=None,
-                    help="q/k/v left un-updated: k|q|v|none|auto|per-layer|outlier (default auto)")
-    d2.add_argument("--variant", default=None, help="faithful (authors' code, default) | paper | normalized")
-    d2.add_argument("--s", type=float, default=None, help="activation scale s (default 1500)")
-    d2.add_argument("--r1", type=float, default=None, help="lambda_1 (default 1)")
-    d2.add_argument("--r2", type=float, default=None, help="lambda_2 (default 0)")
-    d2.add_argument("--rho", type=float, default=None, help="per-layer: weight of the attention KL in eq 12 (default 1)")
+    add_method_flags(p)
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
     add_data_flags(p)
     add_zeroshot_flags(p, with_switch=True)
@@ -159,12 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    opts = {}
-    for key in ("blocksize", "percdamp", "frozen", "variant", "s", "r1", "r2", "rho"):
-        v = getattr(args, key, None)
-        if v is not None:
-            opts[key] = v
-    return opts
+    """The method flags given on the command line (see :func:`add_method_flags`)."""
+    return {name: getattr(args, name) for name in method_fields() if getattr(args, name, None) is not None}
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

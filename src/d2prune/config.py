@@ -268,7 +268,7 @@ def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
-def method_options() -> dict[str, list[tuple[type[MethodConfig], dataclasses.Field]]]:
+def method_fields() -> dict[str, list[tuple[type[MethodConfig], dataclasses.Field]]]:
     """Every option of the registered methods: ``{field name: [(config type,
     field), ...]}`` (methods sharing an option, e.g. ``blocksize``, share the
     entry), in registration order. The CLI builds its method flags from this."""

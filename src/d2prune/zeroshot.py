@@ -171,12 +171,15 @@ def parse_tasks(spec: str | list[str] | None) -> list[str]:
     return names
 
 
+DEFAULT_BATCH_SIZE = 8  # lm-eval's batch size unless --batch-size says otherwise
+
+
 @dataclass
 class ZeroShotResult:
     tasks: dict[str, dict] = field(default_factory=dict)  # name -> {metric, value, acc, acc_norm, n}
     mean: float = 0.0
     limit: int | float | None = None
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,7 +210,8 @@ def normalize_limit(limit: int | float | None) -> int | float | None:
 
 
 def check_zero_shot(tasks: str | list[str] | None = None, limit: int | float | None = None,
-                    task_data: str | os.PathLike | None = None, batch_size: int = 8, **_) -> tuple[list[str], Path]:
+                    task_data: str | os.PathLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                    **_) -> tuple[list[str], Path]:
     """Validate zero-shot options before any work is done (a typo must not cost
     a whole prune): ``(task names, task-data folder)``."""
     try:
@@ -222,7 +226,7 @@ def check_zero_shot(tasks: str | list[str] | None = None, limit: int | float | N
 
 
 def evaluate_zero_shot(model, tokenizer, tasks: str | list[str] | None = None, limit: int | float | None = None,
-                       task_data: str | os.PathLike | None = None, batch_size: int = 8,
+                       task_data: str | os.PathLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                        device: str | None = None) -> ZeroShotResult:
     """0-shot accuracy of an in-memory model through lm-eval's HF wrapper
     (no save / reload), with the local task configs."""
