@@ -9,5 +9,6 @@ from .wanda import Wanda  # noqa: F401
 from .sparsegpt import SparseGPT  # noqa: F401
 from .pruner_zero import PrunerZero  # noqa: F401
 from .d2prune import D2Prune  # noqa: F401
+from .ria import RIA  # noqa: F401
 
 __all__ = ["REGISTRY", "LayerPruner", "Method", "build_method", "register"]
