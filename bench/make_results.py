@@ -59,11 +59,12 @@ QUICK = {
 def sweeps(sizes: dict, out: Path) -> list[dict]:
     from d2prune.pipeline import DataConfig
     from d2prune.sweep import SweepConfig, read_rows, run_sweep, split_methods, split_sparsities, write_outputs
+    from d2prune.zeroshot import DEFAULT_BATCH_SIZE
 
     for label, sz in sizes.items():
         data = DataConfig(calib_file=str(C4), nsamples=sz["nsamples"], seqlen=sz["seqlen"], eval_file=str(WIKI),
                           eval_windows=sz["eval_windows"], heldout_windows=sz["heldout"])
-        zs = {"tasks": TASKS, "limit": sz["limit"], "task_data": str(ZS), "batch_size": 8}
+        zs = {"tasks": TASKS, "limit": sz["limit"], "task_data": str(ZS), "batch_size": DEFAULT_BATCH_SIZE}
         for methods, sparsities, zero_shot in [(MAIN, "0.5,0.7", zs), (MAIN, "0.6,0.8,2:4", None),
                                                (D2_VARIANTS, "0.5,0.7,2:4", None)]:
             cfg = SweepConfig(models=[sz["model"]], methods=split_methods(methods), sparsities=split_sparsities(sparsities),

@@ -15,3 +15,15 @@ class D2PruneError(Exception):
     def __init__(self, message: str):
         # Keep the promise of one line even when a wrapped library error is long.
         super().__init__(" ".join(str(message).split()))
+
+
+MAX_REASON_CHARS = 300  # how much of a wrapped library error a one-line message quotes
+
+
+def first_line(e: BaseException) -> str:
+    """The reason of a wrapped library error, for a one-line message: its first
+    line, or its first two when the first is only a heading ("Validation error
+    for field 'x':"), at most :data:`MAX_REASON_CHARS` characters."""
+    lines = [ln.strip() for ln in (str(e).strip() or repr(e)).splitlines() if ln.strip()]
+    text = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else " ".join(lines[:2])
+    return text[:MAX_REASON_CHARS]

@@ -24,6 +24,8 @@ from .modeling import pick_device
 
 log = logging.getLogger(__name__)
 
+MAX_MEAN_NLL = 700.0  # a larger mean NLL is reported as ppl inf (math.exp overflows just above 709.78)
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -77,4 +79,5 @@ def perplexity(model: nn.Module, windows: Tensor, dataset: str = "wikitext2", ma
     mean = sum(nlls) / len(nlls)
     if not math.isfinite(mean):
         log.warning("perplexity on %s is not finite (mean NLL %s)", dataset, mean)
-    return PerplexityResult(dataset, math.exp(mean) if mean < 700 else float("inf"), mean, len(nlls), total, windows.shape[1])
+    ppl = math.exp(mean) if mean < MAX_MEAN_NLL else float("inf")
+    return PerplexityResult(dataset, ppl, mean, len(nlls), total, windows.shape[1])

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import D2PruneError
+from .errors import D2PruneError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,11 @@ def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto
         raise
     except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
         where = "local" if src.is_local else "HuggingFace hub"
-        raise D2PruneError(f"could not load model {src.describe()} ({where}): {type(e).__name__}: {_first_line(e)}") from e
+        raise D2PruneError(f"could not load model {src.describe()} ({where}): {type(e).__name__}: {first_line(e)}") from e
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **kw)
     except Exception as e:
-        raise D2PruneError(f"could not load the tokenizer of {src.describe()}: {type(e).__name__}: {_first_line(e)}") from e
+        raise D2PruneError(f"could not load the tokenizer of {src.describe()}: {type(e).__name__}: {first_line(e)}") from e
     if src.gguf_file:
         strip_gguf_quantizer(lm)
     lm.eval()
@@ -136,13 +136,6 @@ def strip_gguf_quantizer(model) -> None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def _first_line(e: BaseException) -> str:
-    # one line, but keep the reason when the first line is only a heading ("Validation error for field 'x':")
-    lines = [ln.strip() for ln in (str(e).strip() or repr(e)).splitlines() if ln.strip()]
-    text = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else " ".join(lines[:2])
-    return text[:300]
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import BlockSource, outside_on_device, place_params
-from .errors import D2PruneError
+from .errors import D2PruneError, first_line
 from .modeling import STORAGE_DTYPE, Blocks, compute_dtype_for, find_blocks
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=storage)
     except Exception as e:
-        raise D2PruneError(f"could not build the model of {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        raise D2PruneError(f"could not build the model of {path}: {type(e).__name__}: {first_line(e)}") from e
     blocks = find_blocks(model)
     tied = tied_parameters(model)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -183,7 +183,7 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
-        raise D2PruneError(f"could not load the tokenizer of {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        raise D2PruneError(f"could not load the tokenizer of {path}: {type(e).__name__}: {first_line(e)}") from e
     model.eval()
     return model, tok, reader
 
@@ -390,4 +390,4 @@ def download_safetensors(repo: str) -> str:
         return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
     except Exception as e:
         raise D2PruneError(f"could not download {repo} from the HuggingFace hub: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+                           f"{first_line(e)}") from e
