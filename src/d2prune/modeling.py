@@ -12,6 +12,7 @@ Two things live here and nowhere else:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -64,7 +65,7 @@ def default_model_source() -> ModelSource:
     return ModelSource(folder, DEFAULT_MODEL_FILE)
 
 
-def resolve_source(model: str | None) -> ModelSource:
+def _classify(model: str | None) -> ModelSource:
     """Classify ``--model``: None (default), a ``.gguf`` file, a folder, or a hub id."""
     if model is None or model == "":
         return default_model_source()
@@ -85,6 +86,109 @@ def resolve_source(model: str | None) -> ModelSource:
     if looks_like_path:
         raise D2PruneError(f"model path {model} does not exist: pass an existing folder, a .gguf file or a hub id")
     return ModelSource(model, None, is_local=False)
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    """Classify ``--model`` (None = the default, a ``.gguf`` file, a folder, or
+    a hub id) and refuse, from its config alone, a model d2prune must not load:
+    one that needs its own Python code or is not a causal decoder. Every way
+    of loading a model (in memory, streamed) starts here, before any weight is read."""
+    src = _classify(model)
+    check_causal_decoder(src)
+    return src
+
+
+def _load_error(src: ModelSource, e: BaseException) -> D2PruneError:
+    where = "local" if src.is_local else "HuggingFace hub"
+    return D2PruneError(f"could not load model {src.describe()} ({where}): {type(e).__name__}: {first_line(e)}")
+
+
+def _auto_map(src: ModelSource) -> list[str]:
+    """The custom classes a local ``config.json`` asks for (its ``auto_map``)."""
+    path = Path(src.path) / "config.json"
+    if not src.is_local or src.gguf_file or not path.is_file():
+        return []
+    try:
+        auto_map = json.loads(path.read_text()).get("auto_map") or {}
+    except (ValueError, OSError, AttributeError):
+        return []
+    return sorted(str(v) for v in auto_map.values()) if isinstance(auto_map, dict) else [str(auto_map)]
+
+
+def read_config(src: ModelSource):
+    """The model's transformers config, without its weights and without ever
+    running Python code shipped with the model (``trust_remote_code=False``:
+    transformers would otherwise ask on stdout whether to run it)."""
+    from transformers import AutoConfig
+
+    kw: dict = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(src.path, trust_remote_code=False, **kw)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
+        custom = _auto_map(src)
+        if custom or "trust_remote_code" in str(e):
+            import transformers
+
+            raise D2PruneError(
+                f"model {src.describe()} needs the Python code it ships ({', '.join(custom) or 'auto_map'}): d2prune "
+                f"never runs a model's own code (trust_remote_code=False); use a model whose architecture "
+                f"transformers {transformers.__version__} supports"
+            ) from e
+        raise _load_error(src, e) from e
+
+
+# Suffixes of causal-LM class names transformers no longer lists (older checkpoints: "LLaMAForCausalLM").
+CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_CHECKED: set[tuple] = set()  # sources already checked (a GGUF config takes seconds to read)
+
+
+def _stamp(src: ModelSource) -> tuple:
+    target = Path(src.path) / (src.gguf_file or "config.json")
+    try:
+        return (src, target.stat().st_mtime_ns) if src.is_local else (src,)
+    except OSError:
+        return (src, None)
+
+
+def check_causal_decoder(src: ModelSource) -> None:
+    """Refuse, from the config alone, a model that is not a causal decoder.
+
+    ``AutoModelForCausalLM`` loads more than causal LMs: a BERT checkpoint
+    (``BertForMaskedLM``) becomes ``BertLMHeadModel`` with bidirectional
+    attention (``is_decoder=False``), so every token sees the future and the
+    "perplexity" means nothing. Refused: encoder-decoders, model types with no
+    causal-LM class, checkpoints whose ``architectures`` are all non-causal
+    heads (masked LM, classification, a bare base model), and encoder
+    families (those with a masked-LM class too) not configured as decoders.
+    """
+    key = _stamp(src)
+    if key in _CHECKED:
+        return
+    config = read_config(src)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    listed = list(getattr(config, "architectures", None) or [])
+    arch = ", ".join(listed) or f"model_type {model_type}"
+    why = None
+    if getattr(config, "is_encoder_decoder", False):
+        why = "is an encoder-decoder model"
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = f"has no causal-LM class in transformers (model_type {model_type!r})"
+    elif listed and not any(a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or a.endswith(CAUSAL_CLASS_SUFFIXES)
+                            for a in listed):
+        why = (f"is not a causal LM (AutoModelForCausalLM would make it a {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}, "
+               "which it was not trained as)")
+    elif model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        # encoder families that can act as decoders: causal only when configured so (XLM says `causal`)
+        flag = getattr(config, "is_decoder", None)
+        flag = getattr(config, "causal", None) if flag is None else flag
+        if flag is False:
+            why = (f"is a bidirectional encoder (it would load as {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]} "
+                   "with is_decoder=False: every token would see the future)")
+    if why:
+        raise D2PruneError(f"model {src.describe()} ({arch}) {why}: d2prune prunes decoder-only causal LMs")
+    _CHECKED.add(key)
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | str:
@@ -113,20 +217,35 @@ def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto
     src = resolve_source(model)
     kw: dict = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=_dtype(dtype), **kw)
+        lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=_dtype(dtype), trust_remote_code=False, **kw)
     except D2PruneError:
         raise
     except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
-        where = "local" if src.is_local else "HuggingFace hub"
-        raise D2PruneError(f"could not load model {src.describe()} ({where}): {type(e).__name__}: {first_line(e)}") from e
+        raise _load_error(src, e) from e
     try:
-        tok = AutoTokenizer.from_pretrained(src.path, **kw)
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=False, **kw)
     except Exception as e:
         raise D2PruneError(f"could not load the tokenizer of {src.describe()}: {type(e).__name__}: {first_line(e)}") from e
     if src.gguf_file:
         strip_gguf_quantizer(lm)
+    check_finite_weights(lm, src.describe())
     lm.eval()
     return lm, tok, src
+
+
+FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite() pass: bounded extra memory for a 128k-vocabulary embedding
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse a checkpoint with a NaN/Inf weight, naming the tensor. Left in,
+    it poisons every statistic after it and surfaces blocks later as a NaN
+    Hessian ("overflow") far from its cause. Meta (streamed) tensors are skipped."""
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" or not p.is_floating_point():
+            continue
+        if not all(torch.isfinite(c).all() for c in p.detach().reshape(-1).split(FINITE_CHECK_CHUNK)):
+            hint = " (or a value beyond float16's range: load it with --dtype float32)" if p.dtype == torch.float16 else ""
+            raise D2PruneError(f"NaN/Inf in weight {name} of {what}: the checkpoint is corrupt{hint}")
 
 
 def strip_gguf_quantizer(model) -> None:
