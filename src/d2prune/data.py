@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -38,29 +39,66 @@ C4_EVAL_DOCS = 1100  # SparseGPT protocol: first 1100 validation documents
 # --------------------------------------------------------------------------- text sources
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
     """Rows of a local ``.jsonl[.gz]`` (``field`` of each object) or a whole
-    ``.txt``/``.raw`` file as one row."""
+    ``.txt``/``.raw`` file (``.gz`` too) as one row. Every malformed input
+    (truncated or corrupt gzip, bytes that are not UTF-8, a line that is not a
+    JSON object with a string ``field``) is a one-line error naming the file
+    and line."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise D2PruneError(f"data file {path} is a folder: pass a .jsonl or .txt file inside it")
     if not p.is_file():
         raise D2PruneError(f"data file {path} does not exist: pass an existing .jsonl or .txt file")
-    opener = gzip.open if p.suffix == ".gz" else open
-    stem = p.name[:-3] if p.suffix == ".gz" else p.name
+    gzipped = p.suffix == ".gz"
+    json_lines = (p.name[:-3] if gzipped else p.name).endswith((".jsonl", ".json"))
+    rows: list[str] = []
+    lineno = 0
     try:
-        with opener(p, "rt", encoding="utf-8") as f:
-            if stem.endswith((".jsonl", ".json")):
-                rows = []
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    obj = json.loads(line)
-                    if field not in obj:
-                        raise D2PruneError(f"{path} line {lineno} has no {field!r} field: each line must be a JSON object with {field!r}")
-                    rows.append(obj[field])
-                return rows
-            return [f.read()]
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise D2PruneError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        # bytes, decoded line by line: an error is pinned to its line (text mode decodes 8 KB chunks ahead)
+        with (gzip.open(p, "rb") if gzipped else open(p, "rb")) as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, lineno)
+                if not json_lines:
+                    rows.append(line)
+                elif line.strip():
+                    rows.append(_text_field(line, field, path, lineno))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise D2PruneError(f"{path} line {lineno + 1}: the gzip data is truncated or corrupt ({type(e).__name__}: "
+                           f"{e}): download or compress the file again") from e
+    except OSError as e:
+        raise D2PruneError(f"cannot read {path}: {type(e).__name__}: {e.strerror or e}") from e
+    return rows if json_lines else ["".join(rows)]
+
+
+def _decode(raw: bytes, path: str | Path, lineno: int) -> str:
+    """One line as text, newlines as Python's text mode gives them ("\r\n" and "\r" -> "\n")."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise D2PruneError(f"{path} line {lineno} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                           "convert the file to UTF-8") from None
+    return line.replace("\r\n", "\n").replace("\r", "\n") if "\r" in line else line
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _text_field(line: str, field: str, path: str | Path, lineno: int) -> str:
+    """``field`` of one JSON-lines row, which must be an object holding a string there."""
+    want = f"each line must be a JSON object with a string {field!r}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise D2PruneError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}): {want}") from None
+    if not isinstance(obj, dict):
+        raise D2PruneError(f"{path} line {lineno} is {_JSON_KINDS.get(type(obj), 'a value')}, not an object: {want}")
+    if field not in obj:
+        raise D2PruneError(f"{path} line {lineno} has no {field!r} field: {want}")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise D2PruneError(f"{path} line {lineno}: {field!r} is {_JSON_KINDS.get(type(text), 'a value')}, "
+                           f"not a string: {want}")
+    return text
 
 
 def hub_texts(path: str, name: str | None, data_files: dict | None, split: str, field: str = "text",
@@ -191,12 +229,12 @@ def heldout_windows(tokenizer, docs: Sequence[str], used: set[int] | None, nwind
 
 
 # --------------------------------------------------------------------------- evaluation
-def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
+def eval_windows(tokenizer, text: str, seqlen: int, what: str = "the evaluation text") -> torch.Tensor:
     """``[floor(T / seqlen), seqlen]`` non-overlapping windows of the tokenised text."""
     if not (isinstance(seqlen, int) and seqlen > 1):
         raise D2PruneError(f"seqlen {seqlen!r} must be an integer > 1")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = ids.numel() // seqlen
     if n == 0:
-        raise D2PruneError(f"the evaluation text has {ids.numel()} tokens, fewer than seqlen={seqlen}: lower --seqlen")
+        raise D2PruneError(f"{what} has {ids.numel()} tokens, fewer than seqlen={seqlen}: lower --seqlen or give more text")
     return ids[: n * seqlen].view(n, seqlen)

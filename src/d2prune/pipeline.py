@@ -57,10 +57,12 @@ class DataConfig:
             raise D2PruneError(f"--heldout-windows {self.heldout_windows!r} must be an integer >= 1")
 
 
-def calibration_for(tokenizer, data: DataConfig, seqlen: int, with_heldout: bool = False):
+def calibration_for(tokenizer, data: DataConfig, seqlen: int, with_heldout: bool = False,
+                    docs: list[str] | None = None):
     """``(calibration [N, L], heldout [H, L] or None)``; held-out windows come
-    from calibration documents that no sample was drawn from (file order)."""
-    docs = calibration_texts(data.calib_file)
+    from calibration documents that no sample was drawn from (file order).
+    ``docs``: the calibration documents if already read (before the model loads)."""
+    docs = calibration_texts(data.calib_file) if docs is None else docs
     used: set[int] = set()
     calib = sample_calibration(tokenizer, docs, data.nsamples, seqlen, data.seed, used)
     heldout = heldout_windows(tokenizer, docs, used, data.heldout_windows, seqlen) if with_heldout else None
@@ -78,15 +80,27 @@ def eval_texts(data: DataConfig) -> dict[str, str]:
     return {name: eval_text(name, path) for name, path in sets}
 
 
-def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
-                 texts: dict[str, str] | None = None, source=None) -> dict[str, PerplexityResult]:
-    """Perplexity on each of :func:`eval_texts`."""
+def eval_window_sets(tokenizer, texts: dict[str, str], seqlen: int) -> dict[str, torch.Tensor]:
+    """Each evaluation text as windows of ``seqlen`` tokens; computed right
+    after the tokenizer loads, so a text shorter than ``--seqlen`` fails before
+    any pruning, not after it."""
     out = {}
-    for name, text in (texts if texts is not None else eval_texts(data)).items():
-        windows = eval_windows(tokenizer, text, seqlen)
-        if name == "c4":  # SparseGPT protocol: the first 256 windows of the joined validation text
-            windows = windows[:C4_EVAL_WINDOWS]
-        out[name] = perplexity(model, windows, name, data.eval_windows, device, source=source)
+    for name, text in texts.items():
+        windows = eval_windows(tokenizer, text, seqlen, what=f"the {name} evaluation text")
+        # SparseGPT protocol for C4: the first 256 windows of the joined validation text
+        out[name] = windows[:C4_EVAL_WINDOWS] if name == "c4" else windows
+    return out
+
+
+def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
+                 texts: dict[str, str] | None = None, source=None,
+                 windows: dict[str, torch.Tensor] | None = None) -> dict[str, PerplexityResult]:
+    """Perplexity on each of :func:`eval_texts` (or on ``windows`` from :func:`eval_window_sets`)."""
+    if windows is None:
+        windows = eval_window_sets(tokenizer, texts if texts is not None else eval_texts(data), seqlen)
+    out = {}
+    for name, ids in windows.items():
+        out[name] = perplexity(model, ids, name, data.eval_windows, device, source=source)
         log.info("%s", out[name])
     return out
 
@@ -110,6 +124,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
 
         check_zero_shot(**zero_shot)
     texts = eval_texts(data) if data.evaluate else {}
+    docs = calibration_texts(data.calib_file)  # every data file is read (and validated) before the model loads
     device = pick_device(config.device)
     opened = open_model(model_name, dtype, device, stream)
     model, tokenizer = opened.model, opened.tokenizer
@@ -118,7 +133,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                            "saved folder with d2prune eval where it fits) or use --stream off")
     seqlen = seqlen_for(model, data.seqlen)
     check_seqlen(model, seqlen)
-    calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config))
+    windows = eval_window_sets(tokenizer, texts, seqlen)
+    calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), docs)
     samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
     hessian = config.layer_error or config.method.uses_hessian
     buffers = config.method.activation_buffers
@@ -143,7 +159,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         opened.source.activations = ActivationStore(offload, work.ensure() / "activations" if offload == "disk" else None)
     try:
         report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work)
-        results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, texts, opened.source) if data.evaluate else {}
+        results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, source=opened.source,
+                               windows=windows) if data.evaluate else {}
         zs = None
         if zero_shot is not None:
             from .zeroshot import evaluate_zero_shot
@@ -203,22 +220,32 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
     return dtype
 
 
-def evaluate_model(model_name: str | None, zero_shot: dict, dtype: str = "auto", device: str | None = None,
+def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = "auto", device: str | None = None,
                    ppl: bool = False, eval_file: str | None = None, seqlen: int | None = None,
                    eval_windows: int | None = None) -> dict:
-    """Zero-shot (and optionally WikiText-2 ppl) of a model / pruned folder."""
+    """Zero-shot accuracy (``zero_shot``: :func:`~d2prune.zeroshot.evaluate_zero_shot`
+    options; None skips it) and/or WikiText-2 perplexity (``ppl``) of a model or
+    pruned folder. Every option and file is checked before the model loads,
+    the evaluation text's length right after (before the long zero-shot run)."""
     from .zeroshot import check_zero_shot, evaluate_zero_shot
 
-    check_zero_shot(**zero_shot)
+    if zero_shot is None and not ppl:
+        raise D2PruneError("nothing to evaluate: ask for zero-shot accuracy and/or --ppl")
+    if zero_shot is not None:
+        check_zero_shot(**zero_shot)
     data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
-    texts = eval_texts(data) if ppl else None
+    texts = eval_texts(data) if ppl else {}
     model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, device))
+    seqlen = seqlen or default_seqlen(model)
+    windows = None
     if ppl:
-        check_seqlen(model, seqlen or default_seqlen(model))
-    out = {"model": source.describe(), "versions": library_versions(),
-           "zero_shot": evaluate_zero_shot(model, tokenizer, device=device, **zero_shot).to_dict()}
+        check_seqlen(model, seqlen)
+        windows = eval_window_sets(tokenizer, texts, seqlen)
+    out: dict = {"model": source.describe(), "versions": library_versions()}
+    if zero_shot is not None:
+        out["zero_shot"] = evaluate_zero_shot(model, tokenizer, device=device, **zero_shot).to_dict()
     if ppl:
-        res = evaluate_ppl(model, tokenizer, data, seqlen or default_seqlen(model), device, texts)
+        res = evaluate_ppl(model, tokenizer, data, seqlen, device, windows=windows)
         out["ppl"] = asdict(res["wikitext2"])
     return out
 

@@ -5,7 +5,10 @@ evaluation windows and dense results are computed once; every cell prunes a
 fresh copy of the dense weights. A finished cell is appended to
 ``results.csv`` (flushed and fsynced) before the next starts, so a sweep that
 is killed and restarted skips every finished cell and ends with the same
-table. From the CSV alone: ``results.md`` (the paper's layout: rows =
+table. ``sweep.json`` records every setting that changes a cell's numbers
+(seed, data files by content hash, windows, dtype, versions...); a rerun
+under other settings is refused, naming each difference, while adding models,
+methods or sparsities simply adds cells. From the CSV alone: ``results.md`` (the paper's layout: rows =
 sparsity x method, columns = models) and PNG plots (perplexity vs sparsity,
 log scale; zero-shot mean vs sparsity).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -25,11 +29,12 @@ from pathlib import Path
 import torch
 
 from .config import MethodConfig, PruneConfig, Sparsity, method_label, parse_method_spec
-from .data import eval_text, eval_windows
+from .data import C4_TRAIN, WIKITEXT2_TEST, calibration_texts, eval_text, eval_windows
 from .errors import D2PruneError
 from .evaluate import perplexity
-from .modeling import check_seqlen, default_seqlen, load_model
-from .pipeline import DataConfig, resolve_dtype, calibration_for
+from .modeling import check_seqlen, load_model
+from .pipeline import DataConfig, calibration_for, resolve_dtype, seqlen_for
+from .save import library_versions
 from .pruning import prune
 
 log = logging.getLogger(__name__)
@@ -76,10 +81,6 @@ class SweepConfig:
     model_labels: dict = field(default_factory=dict)
 
 
-def _key(model: str, method: str, sparsity: str) -> tuple[str, str, str]:
-    return (model, method, sparsity)
-
-
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -107,36 +108,40 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         from .zeroshot import check_zero_shot
 
         check_zero_shot(**cfg.zero_shot)
+    # the data files are read (and validated) once, before any model loads
+    docs = calibration_texts(cfg.data.calib_file)
+    wiki = eval_text("wikitext2", cfg.data.eval_file)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    done = {_key(r["model"], r["method"], r["sparsity"]) for r in read_rows(csv_path)}
-    (out / "sweep.json").write_text(json.dumps({
-        "models": [model_label(m) for m in cfg.models], "methods": [method_label(m) for m in cfg.methods],
-        "sparsities": [str(s) for s in cfg.sparsities], "data": vars(cfg.data), "zero_shot": cfg.zero_shot,
-        "diagnose_windows": cfg.diagnose_windows}, indent=2, default=str) + "\n")
-    new_cells = 0
     existing = read_rows(csv_path)
+    settings = sweep_settings(cfg)
+    check_resumable(out, settings, existing)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise D2PruneError(f"cannot create the sweep folder {out}: {e.strerror or e}: choose another --out") from e
+    write_sweep_record(out, cfg, settings)
+    done = {(r["model"], r["method"], r["sparsity"]) for r in existing}
+    new_cells = 0
     for model_name in cfg.models:
         label = cfg.model_labels.get(model_name) or model_label(model_name)
-        _check_same_settings(existing, label, cfg)
-        cells = [(m, s) for s in cfg.sparsities for m in cfg.methods if _key(label, method_label(m), str(s)) not in done]
-        need_dense = _key(label, "dense", "0") not in done
+        cells = [(m, s) for s in cfg.sparsities for m in cfg.methods if (label, method_label(m), str(s)) not in done]
+        need_dense = (label, "dense", "0") not in done
         if not cells and not need_dense:
             log.info("%s: every cell already done", label)
             continue
         dense, tok, _ = load_model(model_name, dtype=resolve_dtype(cfg.dtype, cfg.device))
-        seqlen = cfg.data.seqlen or default_seqlen(dense)
+        seqlen = seqlen_for(dense, cfg.data.seqlen)
         check_seqlen(dense, seqlen)
+        windows = eval_windows(tok, wiki, seqlen, what="the wikitext2 evaluation text")
         need_held = any(m.needs_heldout for m, _ in cells)
-        calib, held = calibration_for(tok, cfg.data, seqlen, need_held)
-        windows = eval_windows(tok, eval_text("wikitext2", cfg.data.eval_file), seqlen)
+        calib, held = calibration_for(tok, cfg.data, seqlen, need_held, docs)
         common = {"model": label, "nsamples": cfg.data.nsamples, "seqlen": seqlen,
                   "limit": (cfg.zero_shot or {}).get("limit", "")}
         if need_dense:
             row = {**common, "method": "dense", "sparsity": "0", "achieved": 0.0, **_evaluate(dense, tok, windows, cfg)}
             _append(csv_path, row)
-            done.add(_key(label, "dense", "0"))
+            done.add((label, "dense", "0"))
         for m, s in cells:
             if cfg.max_cells is not None and new_cells >= cfg.max_cells:
                 log.warning("stopping after %d new cells (--max-cells)", new_cells)
@@ -149,7 +154,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                    "prune_seconds": round(report.seconds, 3), "chosen": report.method.get("chosen", ""),
                    **_evaluate(model, tok, windows, cfg, dense)}
             _append(csv_path, row)
-            done.add(_key(label, name, str(s)))
+            done.add((label, name, str(s)))
             new_cells += 1
             del model
     rows = read_rows(csv_path)
@@ -157,18 +162,95 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     return rows
 
 
-def _check_same_settings(rows: list[dict], label: str, cfg: SweepConfig) -> None:
-    """Resuming must not mix cells computed with other data settings."""
-    for r in rows:
-        if r["model"] != label:
-            continue
-        if str(r["nsamples"]) != str(cfg.data.nsamples) or (cfg.data.seqlen and str(r["seqlen"]) != str(cfg.data.seqlen)):
-            raise D2PruneError(
-                f"{cfg.out}/results.csv holds {label} cells made with nsamples={r['nsamples']}, seqlen={r['seqlen']}; "
-                f"this sweep asks for nsamples={cfg.data.nsamples}, seqlen={cfg.data.seqlen}: use another --out"
-            )
-        if cfg.zero_shot and r.get("limit") not in ("", None) and str(r["limit"]) != str(cfg.zero_shot.get("limit")):
-            raise D2PruneError(f"{cfg.out}/results.csv holds zero-shot results with --limit {r['limit']}: use the same --limit or another --out")
+# --------------------------------------------------------------------------- settings record (sweep.json)
+RECORD = "sweep.json"
+VERSIONED = ("d2prune", "torch", "transformers")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _data_source(path: str | None, hub: tuple) -> dict:
+    """A data file by path and content hash (the content is what matters: a
+    moved copy is the same data, an edited file is not); the hub source otherwise."""
+    if not path:
+        repo, name, files, split = hub
+        return {"hub": " ".join(str(x) for x in (repo, name, *(files or {}).values(), split) if x)}
+    return {"path": str(path), "sha256": sha256_file(Path(path).expanduser())}
+
+
+def sweep_settings(cfg: SweepConfig) -> dict:
+    """Every setting that changes a cell's numbers, as recorded in sweep.json.
+    The grid (models, methods, sparsities) is not among them: it may grow."""
+    d = cfg.data
+    zs = cfg.zero_shot
+    versions = library_versions()
+    return {
+        "seed": d.seed, "nsamples": d.nsamples, "seqlen": d.seqlen, "heldout_windows": d.heldout_windows,
+        "eval_windows": d.eval_windows,
+        "calib_file": _data_source(d.calib_file, C4_TRAIN), "eval_file": _data_source(d.eval_file, WIKITEXT2_TEST),
+        "zero_shot": None if zs is None else {k: zs.get(k) for k in ("tasks", "limit", "task_data")},
+        "diagnose_windows": cfg.diagnose_windows,
+        "dtype": resolve_dtype(cfg.dtype, cfg.device),
+        **{f"{name} version": versions.get(name) for name in VERSIONED},
+    }
+
+
+def _show(value) -> str:
+    if isinstance(value, dict) and "sha256" in value:
+        return f"{value['path']} (sha256 {value['sha256'][:12]})"
+    if isinstance(value, dict) and "hub" in value:
+        return f"the hub's {value['hub']}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_show(v)}" for k, v in value.items()) + "}"
+    return "off" if value is None else str(value)
+
+
+def _same(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict) and ("sha256" in old or "sha256" in new):
+        return old.get("sha256") == new.get("sha256") and old.get("hub") == new.get("hub")
+    return old == new
+
+
+def check_resumable(out: Path, settings: dict, rows: list[dict]) -> None:
+    """A sweep folder with results is resumed only under the settings they were
+    made with; otherwise one line naming each difference. Nothing is written."""
+    if not rows:
+        return  # no cell yet: nothing to mix
+    try:
+        recorded = json.loads((out / RECORD).read_text())["settings"]
+        if not isinstance(recorded, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise D2PruneError(f"sweep {out} has results but no record of the settings they were made with "
+                           f"({RECORD}, written since d2prune 0.1): use another --out") from None
+    settings = json.loads(json.dumps(settings, default=str))  # as it would read back from the file
+    keys = [k for k in dict.fromkeys([*recorded, *settings]) if not _same(recorded.get(k), settings.get(k))]
+    if keys:
+        was = ", ".join(f"{k}={_show(recorded.get(k))}" for k in keys)
+        now = ", ".join(f"{k}={_show(settings.get(k))}" for k in keys)
+        raise D2PruneError(f"sweep {out} was made with {was}; this run asks {now}: use another --out "
+                           "(adding models, methods or sparsities is fine, changing these is not)")
+
+
+def write_sweep_record(out: Path, cfg: SweepConfig, settings: dict) -> None:
+    """sweep.json: the settings, and the grid so far (a resumed sweep may add
+    models, methods and sparsities). Written whole or not at all."""
+    try:
+        grid = json.loads((out / RECORD).read_text()).get("grid") or {}
+    except (OSError, ValueError, AttributeError):
+        grid = {}
+    added = {"models": [model_label(m) for m in cfg.models], "methods": [method_label(m) for m in cfg.methods],
+             "sparsities": [str(s) for s in cfg.sparsities]}
+    grid = {k: list(dict.fromkeys([*(grid.get(k) or []), *v])) for k, v in added.items()}
+    tmp = out / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "grid": grid}, indent=2, default=str) + "\n")
+    os.replace(tmp, out / RECORD)
 
 
 def _evaluate(model, tok, windows, cfg: SweepConfig, dense=None) -> dict:
