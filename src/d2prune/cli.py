@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -129,8 +131,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="d2prune", description="Post-training pruning of HuggingFace causal LMs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    add_verbosity_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model, evaluate perplexity, save it")
@@ -154,10 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
 
-    e = sub.add_parser("eval", help="zero-shot accuracy (lm-eval-harness, offline task data) and optionally perplexity")
+    e = sub.add_parser("eval", help="zero-shot accuracy (lm-eval-harness, offline task data) and/or perplexity")
     add_model_flags(e)
     add_zeroshot_flags(e)
-    e.add_argument("--ppl", action="store_true", help="also WikiText-2 perplexity (--eval-file, --seqlen, --eval-windows)")
+    e.add_argument("--ppl", action="store_true",
+                   help="WikiText-2 perplexity (--eval-file, --seqlen, --eval-windows); alone: perplexity only, "
+                        "with --zero-shot or --tasks: both")
+    e.add_argument("--zero-shot", action="store_true", help="zero-shot accuracy (the default unless --ppl is given)")
     e.add_argument("--eval-file", default=None)
     e.add_argument("--seqlen", type=int, default=None)
     e.add_argument("--eval-windows", type=_int_or_none, default=None)
@@ -195,7 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nsamples", type=int, default=None)
     d.add_argument("--seqlen", type=int, default=None)
     d.add_argument("--eval-windows", type=int, default=None)
+    for subparser in sub.choices.values():  # -q / -v after the subcommand too (SUPPRESS: absent = the global value)
+        add_verbosity_flags(subparser, default=argparse.SUPPRESS)
     return parser
+
+
+def add_verbosity_flags(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="warnings only (no per-layer INFO rows)")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -255,19 +267,34 @@ def zeroshot_options(args: argparse.Namespace) -> dict:
     return {"tasks": args.tasks, "limit": normalize_limit(args.limit), "task_data": args.task_data, "batch_size": args.batch_size}
 
 
+def eval_wants_zero_shot(args: argparse.Namespace) -> bool:
+    """``eval`` runs zero-shot unless ``--ppl`` is given alone; ``--zero-shot``
+    or ``--tasks`` with ``--ppl`` asks for both. Zero-shot options without
+    zero-shot are refused rather than silently ignored."""
+    if not args.ppl or args.zero_shot or args.tasks is not None:
+        return True
+    given = [flag for flag, v in (("--limit", args.limit), ("--task-data", args.task_data)) if v is not None]
+    if given:
+        raise D2PruneError(f"{' and '.join(given)} set zero-shot options, but --ppl alone evaluates perplexity only: "
+                           "add --zero-shot for both")
+    return False
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_model
 
-    res = evaluate_model(args.model, zeroshot_options(args), args.dtype, args.device, ppl=args.ppl,
+    zs_options = zeroshot_options(args) if eval_wants_zero_shot(args) else None
+    res = evaluate_model(args.model, zs_options, args.dtype, args.device, ppl=args.ppl,
                          eval_file=args.eval_file, seqlen=args.seqlen, eval_windows=args.eval_windows)
     text = json.dumps(res, indent=2, default=str)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
-    zs = res["zero_shot"]
-    for t, r in zs["tasks"].items():
+    zs = res.get("zero_shot")
+    for t, r in (zs["tasks"] if zs else {}).items():
         print(f"{t:<14} {r['metric']:<8} {r['value']:.4f}")
-    print(f"{'mean':<14} {'':<8} {zs['mean']:.4f}   (limit {zs['limit']})")
+    if zs:
+        print(f"{'mean':<14} {'':<8} {zs['mean']:.4f}   (limit {zs['limit']})")
     if "ppl" in res:
         print(f"wikitext2 ppl {res['ppl']['ppl']:.3f} ({res['ppl']['windows']}/{res['ppl']['total_windows']} windows)")
     return 0
@@ -291,7 +318,45 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``d2prune`` command. Exit 0; 2 with one line ``d2prune: error: ...``;
+    or 130 with ``d2prune: interrupted`` after Ctrl-C at any point (the
+    printing after a save included), never a traceback. An interrupted save
+    leaves nothing half-written (:func:`d2prune.save.save_pruned`)."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    if argv is None:  # the process is ours (console script, python -m): Ctrl-C while it shuts down, too
+        _exit_on_late_interrupt()
+    if code == INTERRUPTED:
+        print("d2prune: interrupted", file=sys.stderr)
+    return code
+
+
+def _exit_on_late_interrupt() -> None:
+    """After the command, the interpreter still runs atexit hooks and joins
+    threads; Ctrl-C there would print a KeyboardInterrupt traceback and exit 0.
+    From now on it ends the process like any other interrupt."""
+
+    def interrupted(signum, frame) -> None:
+        try:
+            sys.stdout.flush()
+        except Exception:  # a closed pipe: nothing more to say there
+            pass
+        os.write(2, b"d2prune: interrupted\n")
+        os._exit(INTERRUPTED)
+
+    try:
+        signal.signal(signal.SIGINT, interrupted)
+    except ValueError:  # not the main thread: signals are not ours
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
@@ -323,9 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     except D2PruneError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("d2prune: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 
