@@ -550,6 +550,7 @@ def test_sweep_refuses_to_mix_settings(tmp_path, capsys):
         (["--eval-windows", "3"], C4, "was made with eval_windows=2; this run asks eval_windows=3"),
         ([], other_calib, f"was made with calib_file={C4} (sha256"),
         (["--seed", "2", "--nsamples", "8"], C4, "was made with seed=0, nsamples=4; this run asks seed=2, nsamples=8"),
+        (["--zero-shot", "--limit", "2"], C4, "was made with zero_shot=off; this run asks zero_shot={tasks=default, limit=2,"),
     ]:
         rc, err, _ = _sweep(tmp_path, capsys, *extra, calib=calib)
         assert rc == 2

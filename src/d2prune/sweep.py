@@ -201,14 +201,19 @@ def sweep_settings(cfg: SweepConfig) -> dict:
     }
 
 
-def _show(value) -> str:
+# what an unset (None) setting means, for messages
+_UNSET = {"zero_shot": "off", "seqlen": "default", "eval_windows": "all", "tasks": "default", "limit": "none",
+          "task_data": "default"}
+
+
+def _show(value, key: str = "") -> str:
     if isinstance(value, dict) and "sha256" in value:
         return f"{value['path']} (sha256 {value['sha256'][:12]})"
     if isinstance(value, dict) and "hub" in value:
         return f"the hub's {value['hub']}"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={_show(v)}" for k, v in value.items()) + "}"
-    return "off" if value is None else str(value)
+        return "{" + ", ".join(f"{k}={_show(v, k)}" for k, v in value.items()) + "}"
+    return _UNSET.get(key, "none") if value is None else str(value)
 
 
 def _same(old, new) -> bool:
@@ -232,8 +237,8 @@ def check_resumable(out: Path, settings: dict, rows: list[dict]) -> None:
     settings = json.loads(json.dumps(settings, default=str))  # as it would read back from the file
     keys = [k for k in dict.fromkeys([*recorded, *settings]) if not _same(recorded.get(k), settings.get(k))]
     if keys:
-        was = ", ".join(f"{k}={_show(recorded.get(k))}" for k in keys)
-        now = ", ".join(f"{k}={_show(settings.get(k))}" for k in keys)
+        was = ", ".join(f"{k}={_show(recorded.get(k), k)}" for k in keys)
+        now = ", ".join(f"{k}={_show(settings.get(k), k)}" for k in keys)
         raise D2PruneError(f"sweep {out} was made with {was}; this run asks {now}: use another --out "
                            "(adding models, methods or sparsities is fine, changing these is not)")
 
