@@ -4,13 +4,20 @@ output folder (nor a temporary one) behind."""
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import C4, STORIES, WIKI, needs_shared
+from conftest import C4, ROOT, STORIES, WIKI, needs_shared
 from d2prune import D2PruneError, PruneConfig, prune
 from d2prune.cli import main
 from d2prune.methods.sparsegpt import inverse_hessian_factor
@@ -215,16 +222,6 @@ def test_diagnose_bad_options_before_loading(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- hardening (issue 10)
-import gzip
-import os
-import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
-from conftest import ROOT
-
 EVIL_CODE = "import pathlib\npathlib.Path({marker!r}).write_text('the model folder ran its code')\n"
 
 
@@ -437,8 +434,9 @@ def test_interrupt_right_after_the_save(tmp_path, capsys, monkeypatch):
     real = pipeline.save_pruned
 
     def save_then_interrupted(*a, **k):
-        path = real(*a, **k)
-        raise KeyboardInterrupt
+        real(*a, **k)
+        raise KeyboardInterrupt  # Ctrl-C the moment the output is in place
+
     monkeypatch.setattr(pipeline, "save_pruned", save_then_interrupted)
     rc, err, out = _run(tmp_path, capsys, "--method", "magnitude", "--no-eval")
     assert rc == 130 and err == "d2prune: interrupted"
@@ -451,6 +449,7 @@ def test_interrupt_during_the_save_leaves_nothing(tmp_path, capsys, monkeypatch)
     def interrupted(self, folder, *a, **k):
         (Path(folder) / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", interrupted)
     rc, err, out = _run(tmp_path, capsys, "--method", "magnitude", "--no-eval")
     assert rc == 130 and err == "d2prune: interrupted"

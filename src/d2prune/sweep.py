@@ -22,11 +22,8 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from .config import MethodConfig, PruneConfig, Sparsity, method_label, parse_method_spec
 from .data import C4_TRAIN, WIKITEXT2_TEST, calibration_texts, eval_text, eval_windows
