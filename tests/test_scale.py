@@ -49,7 +49,9 @@ def _same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("method", [["--method", "sparsegpt"], ["--method", "d2prune", "--frozen", "k"],
-                                    ["--method", "wanda", "--sparsity", "2:4"]])
+                                    ["--method", "wanda", "--sparsity", "2:4"],
+                                    ["--method", "d2prune", "--frozen", "auto", "--heldout-windows", "2"],
+                                    ["--method", "d2prune", "--frozen", "per-layer"]])
 def test_streamed_equals_in_memory(tmp_path, method):
     mem = _prune(STORIES, tmp_path / "mem", *method, "--stream", "off")
     st = _prune(STORIES, tmp_path / "st", *method, "--stream", "on")
@@ -108,10 +110,11 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("frozen", ["outlier", "auto", "per-layer"])
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog, frozen):
     import d2prune.resume as resume
 
-    args = ["--method", "d2prune", "--frozen", "outlier", "--stream", "off"]
+    args = ["--method", "d2prune", "--frozen", frozen, "--heldout-windows", "2", "--stream", "off"]
     whole = _prune(STORIES, tmp_path / "whole", *args)
     real_commit = resume.WorkFolder.commit
 
@@ -129,7 +132,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog):
 
     # another configuration must not pick up these blocks
     rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,
-               "--out", str(tmp_path / "out"), "--method", "d2prune", "--frozen", "outlier", "--sparsity", "0.6"])
+               "--out", str(tmp_path / "out"), *args, "--sparsity", "0.6"])
     assert rc == 2 and work.is_dir()
 
     import logging
@@ -139,7 +142,9 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog):
     assert any("resuming from block 4/5" in r.message for r in caplog.records)
     assert resumed["memory"]["resumed_from_block"] == 3
     _same(_weights(tmp_path / "whole"), _weights(tmp_path / "out"))
-    assert resumed["method_summary"]["frozen_per_block"] == whole["method_summary"]["frozen_per_block"]
+    summary = {k: v for k, v in resumed["method_summary"].items() if "seconds" not in k and k != "cost_vs_one_prune"}
+    assert summary == {k: v for k, v in whole["method_summary"].items() if k in summary}
+    assert summary["frozen_per_block"] == whole["method_summary"]["frozen_per_block"]
     assert [r["name"] for r in resumed["layers"]] == [r["name"] for r in whole["layers"]]
     assert not work.exists()
 

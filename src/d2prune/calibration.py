@@ -19,6 +19,7 @@ candidate settings (:mod:`d2prune.selection`), so neither imports the other:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -26,11 +27,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import MethodConfig, PruneConfig
+from .config import MethodConfig, PruneConfig, to_dict
 from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block
 from .methods.base import LayerPruner, Method
 from .modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from .resume import WorkFolder
+from .streaming import block_tensors
 from .stats import InputStats, StatKey
 
 log = logging.getLogger(__name__)
@@ -240,6 +242,45 @@ class PruneOutcome:
     summary: dict = field(default_factory=dict)
     calib_seconds: float = 0.0
     resumed_from: int = 0
+
+
+def _rows(saved: list[dict]) -> list[LayerReport]:
+    return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved]
+
+
+def resume_point(run: PruneRun, method: Method, rows: list[LayerReport]) -> int:
+    """With a resume folder: the first block left to prune. The finished
+    blocks' weights are put back into ``run.source``, their report rows
+    appended to ``rows`` and the method's per-block choices restored."""
+    if run.work is None:
+        return 0
+    start = run.work.begin(len(run.blocks))
+    for i in range(start):
+        run.source.restore(i, run.work.block_path(i))
+    rows.extend(_rows(run.work.state["rows"]))
+    method.load_state(run.work.state["method"])
+    return start
+
+
+def load_block_shard(block: nn.Module, prefix: str, shard: str | os.PathLike) -> None:
+    """Copy a saved block's tensors (checkpoint names ``prefix.NAME``) into
+    ``block`` as it is now (on its device, in its compute dtype)."""
+    from safetensors.torch import load_file
+
+    for name, t in load_file(str(shard)).items():
+        p = block.get_parameter(name.removeprefix(prefix + "."))
+        p.data.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def save_block(run: PruneRun, i: int, block: nn.Module, rows: list[LayerReport], method_state: dict,
+               extra: dict | None = None) -> None:
+    """Block ``i`` is finished: its weights go to the resume folder (a streamed
+    model reads it back from there) and the run's state is committed."""
+    if run.work is None:
+        return
+    run.work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
+    run.source.saved(i, run.work.block_path(i))
+    run.work.commit(i + 1, [to_dict(r) for r in rows], method_state, extra)
 
 
 class CandidateSearch:

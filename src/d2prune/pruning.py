@@ -21,14 +21,13 @@ from torch import Tensor, nn
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from . import selection as _selection  # noqa: F401  (registers D²Prune's searches)
 from .calibration import (BlockLayers, CalibrationOptions, LayerReport, PruneOutcome, PruneRun, calibrate,
-                          find_search, prune_layers)
-from .config import PruneConfig, Sparsity, method_label, to_dict
+                          find_search, prune_layers, resume_point, save_block)
+from .config import PruneConfig, Sparsity, to_dict
 from .engine import BlockInputs, BlockSource, check_finite, propagate, sequential
 from .errors import D2PruneError
 from .methods.base import Method, build_method
 from .modeling import compute_dtype_for, find_blocks, find_prunable, in_features, pick_device
 from .resume import WorkFolder
-from .streaming import block_tensors
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +98,13 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
         propagate(block, i, inputs)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 
-    after, work = None, run.work
-    if work is not None and sparsity.ratio > 0:
-        out.resumed_from = work.begin(len(run.blocks))
-        for i in range(out.resumed_from):
-            run.source.restore(i, work.block_path(i))
-        out.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in work.state["rows"])
-        method.load_state(work.state["method"])
+    def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        save_block(run, i, block, out.layers, method.state())
 
-        def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-            work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
-            run.source.saved(i, work.block_path(i))  # a streamed model reads its pruned block back from there
-            work.commit(i + 1, [to_dict(r) for r in out.layers], method.state())
-
+    if sparsity.ratio > 0:
+        out.resumed_from = resume_point(run, method, out.layers)
     sequential(run.model, run.calibration, run.device, step, desc="block", blocks=run.blocks, source=run.source,
-               start=out.resumed_from, after=after)
+               start=out.resumed_from, after=after if run.work is not None and sparsity.ratio > 0 else None)
     out.summary = method.summary()
     return out
 
@@ -151,9 +142,6 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     validate_pattern(model, sparsity, config.method.column_block)
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
     search = find_search(method) if sparsity.ratio > 0 else None
-    if search is not None and any(p.device.type == "meta" for p in blocks[0].parameters()):
-        raise D2PruneError(f"{method_label(config.method)} searches over candidates and cannot run on blocks "
-                           "streamed from disk yet: use --stream off")
     model.eval()
     method.prepare(model, calibration, device)
     run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work)

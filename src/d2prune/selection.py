@@ -24,22 +24,28 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .attention import TINY, find_attention, kl_rows, run_with_attention
-from .calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate, prune_layers,
-                          register_search)
-from .config import D2_CANDIDATES, D2PruneConfig
+from .calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
+                          load_block_shard, prune_layers, register_search, resume_point, save_block)
+from .config import D2_CANDIDATES, D2PruneConfig, to_dict
 from .engine import BlockInputs, check_finite, propagate, run_block, run_head, sequential
 from .errors import D2PruneError
 from .evaluate import window_nll
 from .methods.base import LayerPruner
 from .methods.d2prune import D2Prune
 from .modeling import eager_attention
+from .resume import WorkFolder
+from .streaming import block_tensors
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +59,36 @@ class Candidate:
     rows: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     hidden: Tensor | None = None  # auto: this candidate's activations (calibration, then held-out windows)
-    weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # auto: pruned weights per block, in CPU RAM
 
     @property
     def tag(self) -> str:
         return f"[candidate: freeze {self.name}] "
 
 
-def _candidates(method: D2Prune) -> dict[str, Candidate]:
-    return {c: Candidate(c, method.with_frozen(c)) for c in D2_CANDIDATES}
+class D2Search(CandidateSearch):
+    """A search over which of q/k/v D²Prune freezes, for ``frozen=strategy``."""
+
+    config_type = D2PruneConfig
+    strategy: ClassVar[str]
+
+    @classmethod
+    def applies(cls, config: D2PruneConfig) -> bool:
+        return config.frozen == cls.strategy
+
+    def __init__(self, method: D2Prune):
+        super().__init__(method)
+        self.candidates = {c: Candidate(c, method.with_frozen(c)) for c in D2_CANDIDATES}
 
 
 # --------------------------------------------------------------------------- auto
 @register_search
-class AutoSearch(CandidateSearch):
+class AutoSearch(D2Search):
     """Prune under each candidate in lock-step; keep the lowest held-out perplexity."""
 
-    config_type = D2PruneConfig
-
-    @classmethod
-    def applies(cls, config: D2PruneConfig) -> bool:
-        return config.frozen == "auto"
+    strategy = "auto"
 
     def __init__(self, method: D2Prune):
         super().__init__(method)
-        self.candidates = _candidates(method)
         self.shared_seconds = 0.0  # block 0's calibration pass, shared by every candidate
 
     def run(self, run: PruneRun) -> PruneOutcome:
@@ -89,14 +100,23 @@ class AutoSearch(CandidateSearch):
             raise D2PruneError(f"held-out windows have {held.shape[1]} tokens, calibration {run.calibration.shape[1]}: "
                                "use one seqlen")
         t_start = time.perf_counter()
-        inputs = sequential(run.model, torch.cat([run.calibration, held]), run.device,
-                            lambda i, block, inputs: self._step(run, i, block, inputs), desc="auto block",
-                            blocks=run.blocks, source=run.source)
-        loop_seconds = time.perf_counter() - t_start
-        scores = {c: self._heldout_ppl(run, cand, inputs) for c, cand in self.candidates.items()}
-        best = min(scores, key=scores.get)
-        for i, block in enumerate(run.blocks.layers):
-            BlockLayers.find(block, i, run.blocks.prefix).load(self.candidates[best].weights[i])
+        # every candidate's pruned blocks are spilled to disk, never held in RAM: the resume folder of the
+        # run, or a temporary one when the run has none
+        self.work = run.work or WorkFolder(Path(tempfile.mkdtemp(prefix="d2prune-auto-")) / "model", {})
+        try:
+            self.start = self._resume(run)
+            inputs = sequential(run.model, torch.cat([run.calibration, held]), run.device,
+                                lambda i, block, inputs: self._step(run, i, block, inputs), desc="auto block",
+                                blocks=run.blocks, source=run.source)
+            loop_seconds = time.perf_counter() - t_start
+            scores = {c: self._heldout_ppl(run, cand, inputs) for c, cand in self.candidates.items()}
+            best = min(scores, key=scores.get)
+            for i in range(len(run.blocks)):  # the chosen candidate's blocks become the run's blocks
+                os.replace(self.work.block_path(i, best), self.work.block_path(i))
+                run.source.restore(i, self.work.block_path(i))
+        finally:
+            if run.work is None:
+                self.work.remove()
         total = time.perf_counter() - t_start
         secs = {c: cand.seconds for c, cand in self.candidates.items()}
         capture = loop_seconds - sum(secs.values()) - self.shared_seconds
@@ -109,37 +129,62 @@ class AutoSearch(CandidateSearch):
         }
         log.info("auto: held-out ppl %s -> freeze %s (%.1fx the cost of one prune)",
                  {k: round(v, 3) for k, v in scores.items()}, best, summary["cost_vs_one_prune"] or 0)
-        return PruneOutcome(self.candidates[best].rows, summary)
+        return PruneOutcome(self.candidates[best].rows, summary, resumed_from=self.start)
+
+    def _resume(self, run: PruneRun) -> int:
+        """An interrupted search continues after its last block finished by
+        every candidate (their rows, choices and times are in the state)."""
+        start = self.work.begin(len(run.blocks))
+        saved = self.work.state.get("candidates", {})
+        for c, cand in self.candidates.items():
+            if c in saved:
+                cand.rows.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved[c]["rows"])
+                cand.method.load_state(saved[c]["method"])
+                cand.seconds = saved[c]["seconds"]
+        return start
+
+    def _commit(self, i: int) -> None:
+        self.work.commit(i + 1, [], {}, {"candidates": {
+            c: {"rows": [to_dict(r) for r in cand.rows], "method": cand.method.state(), "seconds": cand.seconds}
+            for c, cand in self.candidates.items()}})
 
     @torch.no_grad()
     def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
         n_calib = run.calibration.shape[0]
         layers = BlockLayers.find(block, i, run.blocks.prefix)
+        resumed = i < self.start  # finished before an interruption: only recompute the activations
         dense = layers.weights()
-        pruners = {c: layers.pruners(cand.method, block) for c, cand in self.candidates.items()}
-        if i == 0:  # identical inputs for every candidate: one calibration pass, shared statistics
+        if not resumed:
+            pruners = {c: layers.pruners(cand.method, block) for c, cand in self.candidates.items()}
+        if i == 0 and not resumed:  # identical inputs for every candidate: one calibration pass, shared statistics
             t0 = time.perf_counter()
             shared = calibrate(block, layers, inputs, {n: [p[n] for p in pruners.values()] for n in layers.layers},
                                run.options, nsamples=n_calib)
             self.shared_seconds += time.perf_counter() - t0
         for k, (c, cand) in enumerate(self.candidates.items()):
             t0 = time.perf_counter()
-            layers.load(dense)
             if i == 0:
-                obs, src = shared, inputs.hidden
+                src = inputs.hidden
                 last = k == len(self.candidates) - 1
                 dst = inputs.hidden if last else inputs.new_buffer()  # the last one reuses the capture buffer
             else:
                 src = dst = cand.hidden
-                obs = calibrate(block, layers, inputs, {n: [pruners[c][n]] for n in layers.layers}, run.options,
-                                hidden=src, nsamples=n_calib)
-            cand.rows.extend(prune_layers(layers, pruners[c], obs.stats, tag=cand.tag))
-            cand.weights[i] = layers.weights("cpu")
+            if resumed:
+                load_block_shard(block, f"{run.blocks.prefix}.{i}", self.work.block_path(i, c))
+            else:
+                layers.load(dense)
+                obs = shared if i == 0 else calibrate(block, layers, inputs, {n: [pruners[c][n]] for n in layers.layers},
+                                                      run.options, hidden=src, nsamples=n_calib)
+                cand.rows.extend(prune_layers(layers, pruners[c], obs.stats, tag=cand.tag))
+                self.work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"), tag=c)
             for j in range(src.shape[0]):  # calibration AND held-out windows
                 dst[j:j + 1] = run_block(block, src[j:j + 1], inputs.calls[i][j], inputs)
             check_finite(dst, f"the outputs of pruned block {i} (frozen {c})")
             cand.hidden = dst
-            cand.seconds += time.perf_counter() - t0
+            if not resumed:
+                cand.seconds += time.perf_counter() - t0
+        if not resumed:
+            self._commit(i)
 
     def _heldout_ppl(self, run: PruneRun, cand: Candidate, inputs: BlockInputs) -> float:
         held, nll = run.heldout, []
@@ -171,30 +216,28 @@ class _Trial:
 
 
 @register_search
-class PerLayerSearch(CandidateSearch):
+class PerLayerSearch(D2Search):
     """Eq 12 block by block: min over q/k/v of block error + rho * attention KL."""
 
-    config_type = D2PruneConfig
-
-    @classmethod
-    def applies(cls, config: D2PruneConfig) -> bool:
-        return config.frozen == "per-layer"
+    strategy = "per-layer"
 
     def __init__(self, method: D2Prune):
         super().__init__(method)
         self.rho = method.config.rho
-        self.candidates = _candidates(method)
         self.choices: dict[int, BlockChoice] = {}
         self.rows: list[LayerReport] = []
 
     def run(self, run: PruneRun) -> PruneOutcome:
+        start = resume_point(run, self.method, self.rows)
+        if run.work is not None:
+            self.choices.update({int(i): BlockChoice(**c) for i, c in run.work.state.get("choices", {}).items()})
         with eager_attention(run.model):  # explicit masks and attention probabilities
             sequential(run.model, run.calibration, run.device, lambda i, block, inputs: self._step(run, i, block, inputs),
-                       desc="per-layer block", blocks=run.blocks, source=run.source)
-        per_block = {str(i): asdict(c) for i, c in self.choices.items()}
+                       desc="per-layer block", blocks=run.blocks, source=run.source, start=start)
+        per_block = {str(i): asdict(c) for i, c in sorted(self.choices.items())}
         summary = {"variant": self.method.config.variant, "frozen": "per-layer", "rho": self.rho,
                    "frozen_per_block": {k: [v["frozen"]] for k, v in per_block.items()}, "per_block": per_block}
-        return PruneOutcome(self.rows, summary)
+        return PruneOutcome(self.rows, summary, resumed_from=start)
 
     @torch.no_grad()
     def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
@@ -215,6 +258,7 @@ class PerLayerSearch(CandidateSearch):
         del trials
         propagate(block, i, inputs)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
+        save_block(run, i, block, self.rows, {}, {"choices": {str(k): asdict(c) for k, c in self.choices.items()}})
 
     @staticmethod
     def _trial(block: nn.Module, i: int, prefix: str, pruners: dict[str, LayerPruner], stats, tag: str) -> _Trial:

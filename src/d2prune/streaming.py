@@ -169,7 +169,7 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=storage)
     except Exception as e:
         raise D2PruneError(f"could not build the model of {path}: {type(e).__name__}: {first_line(e)}") from e
-    blocks = find_blocks(model)
+    find_blocks(model)  # a clear error now for a model without decoder blocks
     tied = tied_parameters(model)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     unknown = [n for n in names if n not in reader and n not in tied]
