@@ -58,10 +58,17 @@ class CalibrationOptions:
 
     extra_stats: tuple[StatKey, ...] = ()
     share_inputs: bool = True
+    error_from_outputs: bool = False
 
     @classmethod
     def of(cls, config: PruneConfig) -> "CalibrationOptions":
-        return cls(("hessian",) if config.layer_error else (), config.share_inputs)
+        """The per-layer error comes from the Hessian where the method builds
+        one anyway (``tr(dW H dW^T)``, d_out * d_in^2); a method without one
+        measures it on the propagation pass instead (d_out * d_in * tokens,
+        about one more forward of the layer), never accumulating a Hessian
+        (d_in^2 * tokens) only for a statistic."""
+        hessian = config.layer_error and config.method.uses_hessian
+        return cls(("hessian",) if hessian else (), config.share_inputs, config.layer_error and not hessian)
 
 
 def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
@@ -191,9 +198,11 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
 
 @torch.no_grad()
 def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: dict[str, InputStats],
-                 tag: str = "") -> list[LayerReport]:
+                 tag: str = "", deltas: dict[str, Tensor] | None = None) -> list[LayerReport]:
     """Prune every layer with its wrapper; one report row per layer (logged,
-    prefixed by ``tag``, e.g. the candidate of a search)."""
+    prefixed by ``tag``, e.g. the candidate of a search). With ``deltas``,
+    each layer's ``W - W'`` is kept there for :class:`OutputError` (layers
+    whose statistics have no Hessian to give the error)."""
     rows = []
     for n, layer in layers.layers.items():
         t1 = time.perf_counter()
@@ -204,12 +213,45 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         W_new, _ = pruners[n].prune(W.clone(), st)
         set_weight_matrix(layer, W_new)
         err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
+        if err is None and deltas is not None:
+            deltas[n] = W.sub_(weight_matrix(layer).float())  # what was taken away, as the layer will compute it
         achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
         row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label)
         rows.append(row)
         log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
                  f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
     return rows
+
+
+class OutputError:
+    """``||W X - W' X||^2 / ||W X||^2`` of each pruned layer measured on the
+    propagation pass: hooks see each pruned layer's input ``X`` and output
+    ``W' X``; with ``dW = W - W'`` kept from pruning, ``W X = W' X + dW X``.
+    ``X`` is what the layer receives inside the pruned block (for a block's
+    first layers, the calibration inputs themselves)."""
+
+    def __init__(self, layers: BlockLayers, deltas: dict[str, Tensor]):
+        self.layers, self.deltas = layers, deltas
+        self.num = dict.fromkeys(deltas, 0.0)
+        self.den = dict.fromkeys(deltas, 0.0)
+
+    def hooks(self):
+        def make(name: str):
+            def hook(module, inp, out):
+                x = inp[0].detach()
+                y = (out[0] if isinstance(out, tuple) else out).detach().float()
+                e = x.float() @ self.deltas[name].t()
+                self.num[name] += float((e * e).sum())
+                self.den[name] += float(((y + e) ** 2).sum())
+            return hook
+        return {self.layers.layers[n]: make(n) for n in self.deltas}
+
+    def fill(self, rows: list[LayerReport]) -> None:
+        by_name = {self.layers.qualified[n]: n for n in self.deltas}
+        for row in rows:
+            n = by_name.get(row.name)
+            if n is not None:
+                row.error = self.num[n] / self.den[n] if self.den[n] > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- driver contract

@@ -28,16 +28,18 @@ class LayerPruner:
     layer needs. ``wants_output``: if True the engine calls
     :meth:`observe_output` with the layer's dense output on every calibration
     call. :meth:`prune` receives the fp32 ``[d_out, d_in]`` weight (a copy) and
-    returns the new weight and the mask (``True`` = pruned).
+    returns the new weight and the mask (``True`` = pruned). ``name``: the
+    layer's qualified name; ``config``: the method's config, if it needs it.
     """
 
     input_stats: tuple[StatKey, ...] = ()
     wants_output: bool = False
     label: str = ""  # how the layer was pruned, for the per-layer report
 
-    def __init__(self, name: str, sparsity: Sparsity):
+    def __init__(self, name: str, sparsity: Sparsity, config: MethodConfig | None = None):
         self.name = name
         self.sparsity = sparsity
+        self.config = config
 
     def observe_output(self, y: Tensor) -> None:
         pass
@@ -46,10 +48,25 @@ class LayerPruner:
         raise NotImplementedError
 
 
+class MaskPruner(LayerPruner):
+    """A layer whose method only chooses which weights to prune (no update of
+    the others): :meth:`mask` says which, :meth:`prune` zeroes them."""
+
+    def mask(self, W: Tensor, stats: InputStats) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prune(self, W: Tensor, stats: InputStats) -> tuple[Tensor, Tensor]:
+        mask = self.mask(W, stats)
+        W[mask] = 0
+        return W, mask
+
+
 class Method:
-    """One pruning run's method: builds a :class:`LayerPruner` per Linear."""
+    """One pruning run's method: builds a :class:`LayerPruner` per Linear
+    (by default a ``layer_type(name, sparsity, config)``)."""
 
     config_type: ClassVar[type[MethodConfig]]
+    layer_type: ClassVar[type[LayerPruner]]
 
     def __init__(self, config: MethodConfig, sparsity: Sparsity):
         self.config = config
@@ -62,8 +79,9 @@ class Method:
         """Called with the dense block before its :meth:`layer` calls (for
         per-block choices that need all of the block's weights)."""
 
-    def layer(self, name: str, module: nn.Module, block_index: int) -> LayerPruner:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def layer(self, name: str, module: nn.Module, block_index: int) -> LayerPruner:
+        """The wrapper pruning ``module`` (qualified ``name``) of block ``block_index``."""
+        return self.layer_type(name, self.sparsity, self.config)
 
     def summary(self) -> dict:
         """Extra facts for d2prune.json (choices made during the run)."""

@@ -38,7 +38,7 @@ from ..masks import row_mask
 from ..errors import D2PruneError
 from ..modeling import qkv_parts, weight_matrix
 from ..stats import Accumulator, StatKey, as_columns, register_accumulator
-from .base import LayerPruner, Method, register
+from .base import LayerPruner, MaskPruner, Method, register
 from .sparsegpt import hessian_factor, obs_prune
 
 # --------------------------------------------------------------------------- statistics
@@ -202,7 +202,7 @@ class D2SparseGPTLayer(_D2Layer):
         return obs_prune(W, U, dead, self.sparsity, self.cfg.blocksize, score)
 
 
-class D2WandaLayer(_D2Layer):
+class D2WandaLayer(_D2Layer, MaskPruner):
     label = "d2-wanda"
     updated = False
 
@@ -211,12 +211,10 @@ class D2WandaLayer(_D2Layer):
         self.input_stats = ("sq_norm", self.dx_key)
         self.e = self.variant.wanda_dx_exponent
 
-    def prune(self, W, stats):
+    def mask(self, W, stats):
         score = d2_wanda_score(W, stats["sq_norm"].value, self.y.value, stats[self.dx_key].value,
                                self.cfg.r1, self.cfg.r2, self.e)
-        mask = row_mask(score, self.sparsity)
-        W[mask] = 0
-        return W, mask
+        return row_mask(score, self.sparsity)
 
 
 class RowSplitLayer(LayerPruner):

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..config import MagnitudeConfig, Sparsity
 from ..masks import lowest_in_matrix, nm_mask
-from .base import LayerPruner, Method, register
+from .base import MaskPruner, Method, register
 
 
 def magnitude_mask(W: Tensor, sparsity: Sparsity) -> Tensor:
@@ -15,18 +15,14 @@ def magnitude_mask(W: Tensor, sparsity: Sparsity) -> Tensor:
     return nm_mask(score, sparsity.n, sparsity.m) if sparsity.is_nm else lowest_in_matrix(score, sparsity.ratio)
 
 
-class MagnitudeLayer(LayerPruner):
+class MagnitudeLayer(MaskPruner):
     label = "magnitude"
 
-    def prune(self, W, stats):
-        mask = magnitude_mask(W, self.sparsity)
-        W[mask] = 0
-        return W, mask
+    def mask(self, W, stats):
+        return magnitude_mask(W, self.sparsity)
 
 
 @register
 class Magnitude(Method):
     config_type = MagnitudeConfig
-
-    def layer(self, name, module, block_index):
-        return MagnitudeLayer(name, self.sparsity)
+    layer_type = MagnitudeLayer

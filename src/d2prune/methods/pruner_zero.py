@@ -25,7 +25,7 @@ from ..engine import check_finite
 from ..errors import D2PruneError
 from ..masks import row_mask
 from ..modeling import find_blocks, find_prunable, to_matrix
-from .base import LayerPruner, Method, register
+from .base import MaskPruner, Method, register
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +84,17 @@ def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) 
     return out
 
 
-class PrunerZeroLayer(LayerPruner):
+class PrunerZeroLayer(MaskPruner):
     label = "pruner-zero"
 
     def __init__(self, name, sparsity, G: Tensor):
         super().__init__(name, sparsity)
         self.G = G
 
-    def prune(self, W, stats):
+    def mask(self, W, stats):
         G = self.G.to(W.device)
         check_finite(G, f"the gradient norms of {self.name}")
-        mask = row_mask(pruner_zero_score(W, G), self.sparsity)
-        W[mask] = 0
-        return W, mask
+        return row_mask(pruner_zero_score(W, G), self.sparsity)
 
 
 @register

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..config import MethodConfig, Sparsity, option
 from ..errors import D2PruneError
 from ..masks import at_or_below_kth, row_mask
-from .base import LayerPruner, Method, register
+from .base import MaskPruner, Method, register
 
 RIA_RULES = ("row", "layer")
 
@@ -70,23 +70,15 @@ def ria_mask(score: Tensor, sparsity: Sparsity, rule: str) -> Tensor:
     return row_mask(score, sparsity)
 
 
-class RIALayer(LayerPruner):
+class RIALayer(MaskPruner):
     input_stats = ("sq_norm",)
     label = "ria"
 
-    def __init__(self, name: str, sparsity: Sparsity, config: RIAConfig):
-        super().__init__(name, sparsity)
-        self.config = config
-
-    def prune(self, W, stats):
-        mask = ria_mask(ria_score(W, stats["sq_norm"].value, self.config.a), self.sparsity, self.config.rule)
-        W[mask] = 0
-        return W, mask
+    def mask(self, W, stats):
+        return ria_mask(ria_score(W, stats["sq_norm"].value, self.config.a), self.sparsity, self.config.rule)
 
 
 @register
 class RIA(Method):
     config_type = RIAConfig
-
-    def layer(self, name, module, block_index):
-        return RIALayer(name, self.sparsity, self.config)
+    layer_type = RIALayer

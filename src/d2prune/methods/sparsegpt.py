@@ -144,10 +144,6 @@ class SparseGPTLayer(LayerPruner):
     input_stats = ("hessian",)
     label = "sparsegpt"
 
-    def __init__(self, name, sparsity, config: SparseGPTConfig):
-        super().__init__(name, sparsity)
-        self.config = config
-
     def prune(self, W, stats):
         U, dead = hessian_factor(stats, self.config.percdamp, self.name)
         return obs_prune(W, U, dead, self.sparsity, self.config.blocksize)
@@ -156,6 +152,4 @@ class SparseGPTLayer(LayerPruner):
 @register
 class SparseGPT(Method):
     config_type = SparseGPTConfig
-
-    def layer(self, name, module, block_index):
-        return SparseGPTLayer(name, self.sparsity, self.config)
+    layer_type = SparseGPTLayer

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..config import Sparsity, WandaConfig
 from ..masks import row_mask
-from .base import LayerPruner, Method, register
+from .base import MaskPruner, Method, register
 
 
 def wanda_score(W: Tensor, sq_norm: Tensor) -> Tensor:
@@ -16,23 +16,15 @@ def wanda_score(W: Tensor, sq_norm: Tensor) -> Tensor:
     return torch.abs(W) * torch.sqrt(sq_norm.reshape((1, -1)))
 
 
-def wanda_prune(W: Tensor, sq_norm: Tensor, sparsity: Sparsity) -> tuple[Tensor, Tensor]:
-    mask = row_mask(wanda_score(W, sq_norm), sparsity)
-    W[mask] = 0
-    return W, mask
-
-
-class WandaLayer(LayerPruner):
+class WandaLayer(MaskPruner):
     input_stats = ("sq_norm",)
     label = "wanda"
 
-    def prune(self, W, stats):
-        return wanda_prune(W, stats["sq_norm"].value, self.sparsity)
+    def mask(self, W, stats):
+        return row_mask(wanda_score(W, stats["sq_norm"].value), self.sparsity)
 
 
 @register
 class Wanda(Method):
     config_type = WandaConfig
-
-    def layer(self, name, module, block_index):
-        return WandaLayer(name, self.sparsity)
+    layer_type = WandaLayer
