@@ -25,6 +25,7 @@ from .modeling import find_prunable, in_features, weight_matrix
 log = logging.getLogger(__name__)
 
 GB = 1e9
+PROCESS_BASELINE = 500_000_000  # python, torch, transformers and the tokenizer before any weight (measured: ~0.45 GB)
 
 
 def _nbytes(params, dtype: torch.dtype | None = None) -> int:
@@ -43,7 +44,7 @@ class Budget:
 
 
 def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: bool, activation_buffers: int = 1,
-             offload: str | None = None) -> Budget:
+             offload: str | None = None, deltas: bool = False) -> Budget:
     """Peak needs of pruning ``opened`` (a :class:`d2prune.streaming.OpenedModel`)."""
     model, blocks = opened.model, opened.source.blocks
     compute = opened.source.compute_dtype or opened.storage_dtype
@@ -56,19 +57,22 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: b
     widest = max((in_features(m) for m in layers.values()), default=0)
     largest = max((weight_matrix(m).numel() if m.weight.device.type != "meta" else m.weight.numel()
                    for m in layers.values()), default=0)
-    stats = (2 * widest * widest * 4 if hessian else 0) + 3 * largest * 4
+    # a Hessian and its inverse factor per widest input; without one, the per-layer error keeps W - W' (fp32)
+    stats = (2 * widest * widest * 4 if hessian else 0) + 3 * largest * 4 + (_nbytes(block_params, torch.float32)
+                                                                           if deltas else 0)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
     acts = activation_buffers * samples * seqlen * hidden * c_bytes
     in_blocks = {id(p) for b in blocks.layers for p in b.parameters()}
     outside = [p for p in model.parameters() if id(p) not in in_blocks]  # embeddings, final norm, head
     model_bytes = _nbytes(outside) + block_storage * len(blocks)
     on_cpu = device.type == "cpu"
-    working = block_storage + (block_compute + stats if on_cpu else 0)
+    # the block as read (pages of the memory-mapped shard count in RSS), its compute copy and statistics
+    working = 2 * block_storage + (block_compute + stats if on_cpu else 0)
     if opened.streamed:  # the outside is read only for the capture and the head, not during the block loop
         host = max(_nbytes(outside, compute if on_cpu else None), working)
     else:
         host = model_bytes + working
-    host += acts if (on_cpu or offload == "cpu") else 0
+    host += (acts if (on_cpu or offload == "cpu") else 0) + PROCESS_BASELINE
     dev = 0 if on_cpu else max(block_compute + stats, _nbytes(outside, compute)) + (0 if offload else acts)
     disk = model_bytes + (acts if offload == "disk" else 0)
     return Budget(int(host), int(dev), int(disk), int(acts))

@@ -136,15 +136,16 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     windows = eval_window_sets(tokenizer, texts, seqlen)
     calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), docs)
     samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
-    hessian = config.layer_error or config.method.uses_hessian
+    hessian = config.method.uses_hessian
+    deltas = config.layer_error and not hessian  # the per-layer error keeps W - W' for the propagation pass
     buffers = config.method.activation_buffers
-    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload)
+    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas)
     if offload is None:
         offload = auto_offload(budget, device, available_ram())
         if offload is not None:
             log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
                      budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
-            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload)
+            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas)
     check_fits(budget, device, out, available_ram(), opened.streamed)
     work = None
     if out is not None or opened.streamed or offload == "disk":
