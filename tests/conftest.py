@@ -88,3 +88,24 @@ def tiny_model(arch: str, seed: int = 0):
     cfg._attn_implementation = "eager"  # masks are real tensors: exercises per-block masks
     model = tf.AutoModelForCausalLM.from_config(cfg)
     return model.eval()
+
+
+def forward_calls(model, modules: dict, ids) -> dict:
+    """``{name: [(inputs, output), ...]}``: what each of ``modules`` receives and
+    returns in the model's own forward (not the engine's), one sample of ``ids`` at a time."""
+    calls: dict = {n: [] for n in modules}
+
+    def keep(name):
+        def hook(module, inp, out):  # returns None: the output is left alone
+            calls[name].append((inp, out))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for j in range(ids.shape[0]):
+                model(ids[j:j + 1], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import WIKI, needs_shared, tiny_model
+from conftest import WIKI, forward_calls, needs_shared, tiny_model
 from d2prune import PruneConfig, Sparsity, eval_windows, eval_text, find_blocks, find_prunable, perplexity, prune
 from d2prune.config import D2PruneConfig
 from d2prune.diagnostics import attention_diff
@@ -26,23 +26,8 @@ S = 1500.0
 def block0_io(stories, stories_calib):
     """Per-sample inputs X_k [L, d_in] and outputs Y_k [L, d_out] of every
     Linear of block 0, from the model's own forward (not the engine)."""
-    model = stories[0]
-    layers = find_prunable(model.model.layers[0])
-    io = {n: ([], []) for n in layers}
-
-    def keep(name):
-        def hook(mod, inp, out):  # returns None: the output is left alone
-            io[name][0].append(inp[0][0].detach().clone())
-            io[name][1].append(out[0].detach().clone())
-        return hook
-
-    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-    with torch.no_grad():
-        for j in range(stories_calib.shape[0]):
-            model(stories_calib[j:j + 1], use_cache=False)
-    for h in hooks:
-        h.remove()
-    return io
+    calls = forward_calls(stories[0], find_prunable(stories[0].model.layers[0]), stories_calib)
+    return {n: ([inp[0][0].clone() for inp, _ in c], [out[0].clone() for _, out in c]) for n, c in calls.items()}
 
 
 def closed_form(X, Y, variant):
@@ -248,12 +233,35 @@ def test_diagnostics_zero_for_model_against_itself(stories):
     assert len(rows) == 5 and all(r.kl == 0 and r.rmse == 0 for r in rows)
 
 
-@needs_shared
-def test_diagnostics_positive_after_pruning(stories, stories_calib):
-    model, _ = _pruned_d2(stories, stories_calib[:4], "k", "faithful")
-    windows = eval_windows(stories[1], eval_text("wikitext2", WIKI), 64)[:3]
-    rows = attention_diff(stories[0], model, windows, CPU)
-    assert all(r.kl > 0 and r.rmse > 0 for r in rows)
+def _attention_of(model, windows):
+    """Per block: attention probabilities and attention-module outputs of the
+    model's own forward (eager attention returns the probabilities)."""
+    calls = forward_calls(model, {k: b.self_attn for k, b in enumerate(find_blocks(model).layers)}, windows)
+    return ([torch.cat([out[1] for _, out in calls[k]]).double() for k in sorted(calls)],
+            [torch.cat([out[0] for _, out in calls[k]]).double() for k in sorted(calls)])
+
+
+def test_diagnostics_equal_kl_div_and_rmse_of_the_models_own_forward():
+    """Every block's KL(pruned || dense) of the attention rows against
+    torch.nn.functional.kl_div, and its attention-output RMSE, from each
+    model's own forward: a wrong block, swapped KL arguments or a wrong mean fail."""
+    dense = tiny_model("llama")
+    with torch.no_grad():  # sharper attention than a random init gives: KL far above fp32 rounding
+        for b in dense.model.layers:
+            b.self_attn.q_proj.weight *= 4
+            b.self_attn.k_proj.weight *= 4
+    pruned = copy.deepcopy(dense)  # pruned hard: KL(p || q) and KL(q || p) then differ well beyond rounding
+    prune(pruned, PruneConfig(method=D2PruneConfig(frozen="k"), sparsity=0.9, device="cpu"), torch.randint(0, 128, (4, 16)))
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(5))
+    rows = attention_diff(dense, pruned, windows, CPU)
+    (pd, od), (pp, op) = _attention_of(dense, windows), _attention_of(pruned, windows)
+    assert [r.block for r in rows] == list(range(len(pd)))
+    for r, q, p, yd, yp in zip(rows, pd, pp, od, op):
+        kl = torch.nn.functional.kl_div(torch.log(q).masked_fill(p == 0, 0.0), p, reduction="none").sum(-1)
+        reverse = torch.nn.functional.kl_div(torch.log(p).masked_fill(q == 0, 0.0), q, reduction="none").sum(-1)
+        # equal up to fp32 rounding (~1e-7 here); the reverse KL (swapped arguments) is ~1e-3 away
+        assert abs(r.kl - float(kl.mean())) < 1e-5 * r.kl < abs(r.kl - float(reverse.mean())), r
+        assert math.isclose(r.rmse, float((yp - yd).pow(2).mean().sqrt()), rel_tol=1e-5), r
 
 
 def test_phi3_fused_qkv_with_gqa_split():

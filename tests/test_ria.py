@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import C4, STORIES, WIKI, needs_shared, tiny_model
+from conftest import C4, STORIES, WIKI, forward_calls, needs_shared, tiny_model
 from d2prune import D2PruneError, PruneConfig, find_prunable, prune
 from d2prune.cli import build_parser, method_options
 from d2prune.config import method_config, method_label, parse_method_spec
@@ -16,16 +16,8 @@ from d2prune.modeling import weight_matrix
 
 def block0_inputs(model, calib) -> dict[str, list[torch.Tensor]]:
     """Per-sample inputs ``X_k`` ``[L, d_in]`` of every Linear of block 0, from the model's own forward."""
-    layers = find_prunable(model.model.layers[0])
-    xs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: xs[n].append(inp[0][0].detach().clone()))
-             for n, m in layers.items()]
-    with torch.no_grad():
-        for j in range(calib.shape[0]):
-            model(calib[j:j + 1], use_cache=False)
-    for h in hooks:
-        h.remove()
-    return xs
+    calls = forward_calls(model, find_prunable(model.model.layers[0]), calib)
+    return {n: [inp[0][0].clone() for inp, _ in c] for n, c in calls.items()}
 
 
 def closed_form_score(W: torch.Tensor, X: list[torch.Tensor], a: float) -> torch.Tensor:
