@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .config import MethodConfig, PruneConfig, to_dict
 from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block
 from .methods.base import LayerPruner, Method
@@ -193,6 +194,14 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
         for j in range(hidden.shape[0] if nsamples is None else nsamples):
             run_block(block, hidden[j:j + 1], inputs.calls[layers.index][j], inputs)
             obs.end_sample()
+    if distributed.active():  # every process's samples count: statistics combined before any mask is chosen
+        for st in {id(st): st for st in obs.stats.values()}.values():
+            for acc in st.acc.values():
+                distributed.merge(acc, acc.merge_fields)
+        for pruners in watchers.values():
+            for p in pruners:
+                for o in p.observers():
+                    distributed.merge(o, o.merge_fields)
     return obs
 
 
@@ -212,6 +221,7 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
         W_new, _ = pruners[n].prune(W.clone(), st)
         set_weight_matrix(layer, W_new)
+        distributed.broadcast_([layer.weight.data])  # every process continues with rank 0's block
         err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
         if err is None and deltas is not None:
             deltas[n] = W.sub_(weight_matrix(layer).float())  # what was taken away, as the layer will compute it
@@ -247,6 +257,9 @@ class OutputError:
         return {self.layers.layers[n]: make(n) for n in self.deltas}
 
     def fill(self, rows: list[LayerReport]) -> None:
+        names = list(self.deltas)
+        sums = distributed.all_sum([self.num[n] for n in names] + [self.den[n] for n in names])
+        self.num, self.den = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
         by_name = {self.layers.qualified[n]: n for n in self.deltas}
         for row in rows:
             n = by_name.get(row.name)
@@ -318,7 +331,7 @@ def save_block(run: PruneRun, i: int, block: nn.Module, rows: list[LayerReport],
                extra: dict | None = None) -> None:
     """Block ``i`` is finished: its weights go to the resume folder (a streamed
     model reads it back from there) and the run's state is committed."""
-    if run.work is None:
+    if run.work is None or not run.work.writer:
         return
     run.work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
     run.source.saved(i, run.work.block_path(i))

@@ -217,6 +217,8 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun job logs once, from rank 0
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("d2prune").setLevel(level)
     try:
@@ -250,6 +252,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     zs = zeroshot_options(args) if args.zero_shot else None
     record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs, stream=args.stream,
                  restart=args.restart, offload=args.offload_activations)
+    if "rank" in record:  # another process of a torchrun job: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
 from .modeling import check_seqlen, default_seqlen, load_model, pick_device
 from .pruning import PruneReport, prune
+from . import distributed
 from .budget import auto_offload, check_fits, estimate
 from .engine import ActivationStore
 from .resume import WorkFolder, files_digest, tensor_digest
@@ -125,6 +126,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         check_zero_shot(**zero_shot)
     texts = eval_texts(data) if data.evaluate else {}
     docs = calibration_texts(data.calib_file)  # every data file is read (and validated) before the model loads
+    if distributed.launched():  # torchrun: this process's device, and the process group joined
+        config = replace(config, device=distributed.init(config.device))
     device = pick_device(config.device)
     opened = open_model(model_name, dtype, device, stream)
     model, tokenizer = opened.model, opened.tokenizer
@@ -154,12 +157,17 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                     "heldout": tensor_digest(heldout) if heldout is not None else "",
                     "dtype": str(opened.storage_dtype), "compute_dtype": str(opened.source.compute_dtype),
                     "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
+        main = out is None or distributed.is_main()  # in a torchrun job rank 0 writes, the others read its folder
         work = WorkFolder(out if out is not None else Path(tempfile.mkdtemp(prefix="d2prune-")) / "model", identity,
-                          restart)
+                          restart, writer=main)
     if offload is not None:
-        opened.source.activations = ActivationStore(offload, work.ensure() / "activations" if offload == "disk" else None)
+        scratch = (work.ensure() if work.writer else Path(tempfile.mkdtemp(prefix="d2prune-act-"))) / "activations"
+        opened.source.activations = ActivationStore(offload, scratch if offload == "disk" else None)
+    calib, heldout = distributed.shard(calib), distributed.shard(heldout)  # torchrun: this process's samples
     try:
         report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work)
+        if not distributed.is_main():  # rank 0 evaluates and saves; the others are done
+            return {"rank": distributed.rank(), "sparsity": report.sparsity}
         results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, source=opened.source,
                                windows=windows) if data.evaluate else {}
         zs = None
@@ -180,6 +188,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         if work is not None and out is None:  # a temporary work folder cannot be resumed: nothing to keep
             work.remove()
         raise  # with --out the work folder stays: the same command resumes
+    finally:
+        distributed.finish()
     if work is not None:
         work.remove()
     return record
@@ -294,7 +304,6 @@ def _default_eval_file(pruned_dir) -> str | None:
     from pathlib import Path
 
     from .data import SHARED_WIKI, find_shared_data
-    from .save import RECORD_NAME
 
     record = Path(pruned_dir) / RECORD_NAME
     if record.is_file():

@@ -78,9 +78,10 @@ def _atomic_write(path: Path, write) -> None:
 class WorkFolder:
     """``.OUT.work/`` beside the output folder ``out``."""
 
-    def __init__(self, out: str | os.PathLike, identity: dict, restart: bool = False):
+    def __init__(self, out: str | os.PathLike, identity: dict, restart: bool = False, writer: bool = True):
         out = Path(out).expanduser().absolute()
         self.restart = restart
+        self.writer = writer  # False: another process of a torchrun job, which reads rank 0's folder
         self.path = out.parent / f".{out.name}.work"
         self.identity = json.loads(json.dumps(identity, default=str))  # what state.json will compare against
         self.state: dict = {}
@@ -90,7 +91,7 @@ class WorkFolder:
         """Create the folder, or check an interrupted run's identity; returns
         the first block left to prune."""
         state_file = self.path / STATE_NAME
-        if self.path.exists() and self.restart:
+        if self.path.exists() and self.restart and self.writer:
             self.remove()
         if state_file.is_file():
             try:
@@ -106,10 +107,13 @@ class WorkFolder:
                 )
             self.state = state
             start = int(state["next_block"])
+            if self.restart and not self.writer:
+                start = 0
             if 0 < start < n_blocks:
                 log.info("resuming from block %d/%d (%d finished blocks in %s)", start + 1, n_blocks, start, self.path)
             return start
-        self.ensure()
+        if self.writer:
+            self.ensure()
         self.state = {"identity": self.identity, "next_block": 0, "n_blocks": n_blocks, "rows": [], "method": {}}
         return 0
 
@@ -132,6 +136,8 @@ class WorkFolder:
         from safetensors.torch import save_file
 
         path = self.block_path(i, tag)
+        if not self.writer:
+            return path
         _atomic_write(path, lambda p: save_file(tensors, str(p)))
         return path
 
@@ -143,10 +149,12 @@ class WorkFolder:
     def commit(self, next_block: int, rows: list[dict], method_state: dict, extra: dict | None = None) -> None:
         """Record that every block before ``next_block`` is finished."""
         self.state.update({"next_block": next_block, "rows": rows, "method": method_state, **(extra or {})})
+        if not self.writer:
+            return
         _atomic_write(self.path / STATE_NAME, lambda p: p.write_text(json.dumps(self.state, indent=1, default=str)))
 
     # ------------------------------------------------------------------ end
     def remove(self) -> None:
-        if (self.path / MARKER_NAME).is_file():
+        if self.writer and (self.path / MARKER_NAME).is_file():
             shutil.rmtree(self.path, ignore_errors=True)
 

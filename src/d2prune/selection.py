@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .attention import TINY, find_attention, kl_rows, run_with_attention
 from .calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
                           load_block_shard, prune_layers, register_search, resume_point, save_block)
@@ -112,8 +113,9 @@ class AutoSearch(D2Search):
             scores = {c: self._heldout_ppl(run, cand, inputs) for c, cand in self.candidates.items()}
             best = min(scores, key=scores.get)
             for i in range(len(run.blocks)):  # the chosen candidate's blocks become the run's blocks
-                os.replace(self.work.block_path(i, best), self.work.block_path(i))
-                run.source.restore(i, self.work.block_path(i))
+                if self.work.writer:  # (another process of a torchrun job keeps nothing: rank 0 writes the output)
+                    os.replace(self.work.block_path(i, best), self.work.block_path(i))
+                    run.source.restore(i, self.work.block_path(i))
         finally:
             if run.work is None:
                 self.work.remove()
@@ -190,7 +192,8 @@ class AutoSearch(D2Search):
         held, nll = run.heldout, []
         run_head(run.model, held, cand.hidden[run.calibration.shape[0]:], run.device,
                  lambda j, logits: nll.append(window_nll(logits, held[j:j + 1])), inputs, run.blocks, run.source)
-        return math.exp(sum(nll) / len(nll))
+        total, count = distributed.all_sum([sum(nll), len(nll)])  # every process scores its share of the windows
+        return math.exp(total / count)
 
 
 # --------------------------------------------------------------------------- per-layer (eq 12)
@@ -278,6 +281,12 @@ class PerLayerSearch(D2Search):
                 y, p, _ = run_with_attention(t.block, t.attention, x, call, inputs)
                 t.squared_error += float(((y.float() - y_dense.float()) ** 2).sum())
                 t.kl += float(kl_rows(p, p_dense).sum())
+        names = list(trials)  # sums over every process's samples
+        sums = distributed.all_sum([dense_sq, attention_rows, *(trials[c].squared_error for c in names),
+                                    *(trials[c].kl for c in names)])
+        dense_sq, attention_rows = sums[0], sums[1]
+        for k, c in enumerate(names):
+            trials[c].squared_error, trials[c].kl = sums[2 + k], sums[2 + len(names) + k]
         error = {c: t.squared_error / max(dense_sq, TINY) for c, t in trials.items()}
         kl = {c: t.kl / max(attention_rows, 1) for c, t in trials.items()}
         objective = {c: t.squared_error / max(dense_sq, TINY) + self.rho * t.kl / max(attention_rows, 1)

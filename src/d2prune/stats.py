@@ -45,6 +45,9 @@ class Accumulator:
     constructor receives the extra arguments of a tuple :data:`StatKey`."""
 
     key: str = ""
+    # how the states of several processes combine (d2prune.distributed.merge):
+    # attribute -> "mean" (a running mean over n samples) or "sum"
+    merge_fields: dict[str, str] = {}
 
     def __init__(self, d_in: int, device: torch.device, *params):
         self.n = 0
@@ -61,6 +64,7 @@ class RunningHessian(Accumulator):
     """
 
     key = "hessian"
+    merge_fields = {"H": "mean"}
 
     def __init__(self, d_in: int, device: torch.device):
         super().__init__(d_in, device)
@@ -78,6 +82,7 @@ class RunningSqNorm(Accumulator):
     """Wanda's ``a_j = (1/N) sum_k ||X_k[:, j]||^2`` (plain running mean)."""
 
     key = "sq_norm"
+    merge_fields = {"value": "mean"}
 
     def __init__(self, d_in: int, device: torch.device):
         super().__init__(d_in, device)

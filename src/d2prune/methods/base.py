@@ -44,6 +44,11 @@ class LayerPruner:
     def observe_output(self, y: Tensor) -> None:
         pass
 
+    def observers(self) -> list:
+        """The output statistics this wrapper collects, each with ``n`` and
+        ``merge_fields`` (combined over the processes of a torchrun job)."""
+        return []
+
     def prune(self, W: Tensor, stats: InputStats) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -54,6 +54,7 @@ class _InputNormIW(Accumulator):
     (an index-weighted sum, not a mean), float operations in their order."""
 
     rescaled = False  # D2-SparseGPT takes the norm of the Hessian-rescaled input sqrt(2/n) X
+    merge_fields = {"value": "mean"}  # not a mean: merged as one, close to one process's (docs/scale.md §4)
 
     def __init__(self, d_in, device, s):
         super().__init__(d_in, device)
@@ -88,6 +89,7 @@ class InputNormMean(Accumulator):
     """normalized ``dx``: plain mean over samples of ``||X_k[:, j]|| / s``."""
 
     key = "d2_dx_mean"
+    merge_fields = {"total": "sum"}
 
     def __init__(self, d_in, device, s):
         super().__init__(d_in, device)
@@ -111,6 +113,7 @@ class OutputNorm:
     def __init__(self, s: float, index_weighted: bool):
         self.s, self.iw, self.n = s, index_weighted, 0
         self.buf: Tensor | None = None
+        self.merge_fields = {"buf": "mean" if index_weighted else "sum"}
 
     def update(self, out: Tensor) -> None:
         out = out if out.dim() == 3 else out.unsqueeze(0)
@@ -184,6 +187,9 @@ class _D2Layer(LayerPruner):
     def observe_output(self, y):
         self.y.update(y if self.rows is None else y[..., self.rows])
 
+    def observers(self):
+        return [self.y]
+
 
 class D2SparseGPTLayer(_D2Layer):
     label = "d2-sparsegpt"
@@ -232,6 +238,9 @@ class RowSplitLayer(LayerPruner):
     def observe_output(self, y):
         for _, p in self.parts:
             p.observe_output(y)
+
+    def observers(self):
+        return [o for _, p in self.parts for o in p.observers()]
 
     def prune(self, W, stats):
         mask = torch.zeros_like(W, dtype=torch.bool)
