@@ -263,3 +263,11 @@ def test_half_checkpoint_computes_like_its_fp32_copy(stories_bf16):
                                       source=BlockSource(find_blocks(half), torch.float32)))
     assert got.dtype == torch.float32 and half.model.embed_tokens.weight.dtype == torch.bfloat16
     torch.testing.assert_close(got, full(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_pruner_zero_refuses_streamed_blocks(tmp_path, capsys):
+    rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "2", "--seqlen", "64", *COMMON,
+               "--out", str(tmp_path / "out"), "--method", "pruner-zero", "--stream", "on"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--stream off" in err and "GB of gradient statistics" in err
+    assert not (tmp_path / "out").exists()

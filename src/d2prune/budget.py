@@ -44,7 +44,7 @@ class Budget:
 
 
 def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: bool, activation_buffers: int = 1,
-             offload: str | None = None, deltas: bool = False) -> Budget:
+             offload: str | None = None, deltas: bool = False, whole_model_per_weight: int = 0) -> Budget:
     """Peak needs of pruning ``opened`` (a :class:`d2prune.streaming.OpenedModel`)."""
     model, blocks = opened.model, opened.source.blocks
     compute = opened.source.compute_dtype or opened.storage_dtype
@@ -74,6 +74,10 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: b
         host = model_bytes + working
     host += (acts if (on_cpu or offload == "cpu") else 0) + PROCESS_BASELINE
     dev = 0 if on_cpu else max(block_compute + stats, _nbytes(outside, compute)) + (0 if offload else acts)
+    if whole_model_per_weight:  # a whole-model pass (Pruner-Zero's gradients): the model + a buffer per weight
+        weights = sum(p.numel() for b in blocks.layers for p in b.parameters())
+        whole = _nbytes(list(model.parameters()), compute) + whole_model_per_weight * weights
+        host, dev = (max(host, whole + PROCESS_BASELINE), dev) if on_cpu else (host, max(dev, whole))
     disk = model_bytes + (acts if offload == "disk" else 0)
     return Budget(int(host), int(dev), int(disk), int(acts))
 

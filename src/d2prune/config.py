@@ -80,11 +80,15 @@ def option(default: Any, help: str) -> Any:
 class MethodConfig:
     """Base of the per-method configs; ``name`` is the registry key. Every
     field is an option of the method (see :func:`option`). What generic code
-    needs to know about a method it reads here, never from the method's name:"""
+    needs to know about a method (the properties below) it reads here, never
+    from the method's name."""
 
     name: ClassVar[str] = ""
     label_fields: ClassVar[tuple[str, ...]] = ()  # options always written in the method's label
     uses_hessian: ClassVar[bool] = False  # the method itself accumulates X^T X (memory estimate)
+    # the method's whole-model pass (Pruner-Zero's gradients) holds the model on the device plus an fp32
+    # buffer per pruned weight: it cannot run on blocks streamed from disk
+    whole_model_bytes_per_weight: ClassVar[int] = 0
 
     @property
     def needs_heldout(self) -> bool:
@@ -256,6 +260,7 @@ class PrunerZeroConfig(MethodConfig):
     per-weight L2 norm of the LM-loss gradients over the calibration samples."""
 
     name: ClassVar[str] = "pruner-zero"
+    whole_model_bytes_per_weight: ClassVar[int] = 4  # the fp32 sum of squared gradients
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}

@@ -142,13 +142,14 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     hessian = config.method.uses_hessian
     deltas = config.layer_error and not hessian  # the per-layer error keeps W - W' for the propagation pass
     buffers = config.method.activation_buffers
-    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas)
+    whole = config.method.whole_model_bytes_per_weight
+    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)
     if offload is None:
         offload = auto_offload(budget, device, available_ram())
         if offload is not None:
             log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
                      budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
-            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas)
+            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)
     check_fits(budget, device, out, available_ram(), opened.streamed)
     work = None
     if out is not None or opened.streamed or offload == "disk":

@@ -148,6 +148,12 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     validate_pattern(model, sparsity, config.method.column_block)
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
     search = find_search(method) if sparsity.ratio > 0 else None
+    if config.method.whole_model_bytes_per_weight and any(p.is_meta for p in blocks[0].parameters()):
+        weights = sum(p.numel() for b in blocks.layers for p in b.parameters())
+        raise D2PruneError(
+            f"{config.method.name} takes gradients through the whole model at once: it needs the model in memory "
+            f"plus {config.method.whole_model_bytes_per_weight * weights / 1e9:.1f} GB of gradient statistics; "
+            "use --stream off on a machine where that fits, or another method")
     model.eval()
     method.prepare(model, calibration, device)
     run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work)
