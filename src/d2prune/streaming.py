@@ -69,31 +69,45 @@ class CheckpointReader:
         missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
         if missing:
             raise D2PruneError(f"checkpoint shard {missing[0]} listed in {INDEX_NAME} is missing")
-        self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def _handle(self, path: Path):
-        if path not in self._open:
-            from safetensors import safe_open
+    def get_many(self, names) -> dict[str, Tensor]:
+        """Tensors by name, each file opened once and closed right after: the
+        pages safetensors maps count in the process's RSS while mapped, so a
+        file left open would keep every block ever read resident."""
+        from safetensors import safe_open
 
-            self._open[path] = safe_open(str(path), "pt")
-        return self._open[path]
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.files:
+                raise D2PruneError(f"tensor {n} is not in the checkpoint {self.folder}")
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, ns in by_file.items():
+            with safe_open(str(path), "pt") as f:
+                for n in ns:
+                    out[n] = f.get_tensor(n)
+        return out
 
     def get(self, name: str) -> Tensor:
-        try:
-            return self._handle(self.files[name]).get_tensor(name)
-        except KeyError:
-            raise D2PruneError(f"tensor {name} is not in the checkpoint {self.folder}") from None
+        return self.get_many([name])[name]
 
-    def dtype_of(self, name: str) -> torch.dtype:
-        code = self._handle(self.files[name]).get_slice(name).get_dtype()
-        return _DTYPES.get(code, torch.float32)
+    def dtypes(self) -> dict[str, torch.dtype]:
+        from safetensors import safe_open
+
+        out = {}
+        for path in set(self.files.values()):
+            with safe_open(str(path), "pt") as f:
+                for n in f.keys():
+                    if self.files.get(n) == path:
+                        out[n] = _DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
+        return out
 
     def storage_dtype(self) -> torch.dtype:
         """The dtype most floating tensors are stored in."""
-        counts = Counter(self.dtype_of(n) for n in self.files)
+        counts = Counter(self.dtypes().values())
         return counts.most_common(1)[0][0]
 
     def nbytes(self) -> int:
@@ -104,7 +118,6 @@ class CheckpointReader:
         from safetensors import safe_open
 
         path = Path(path)
-        self._open.pop(path, None)
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
                 self.files[name] = path
@@ -193,6 +206,15 @@ def outside_blocks(model: nn.Module, blocks: Blocks) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if not n.startswith(blocks.prefix + ".")}
 
 
+def _checked(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A streamed model's weights are checked for NaN/Inf as they are read
+    (an in-memory one is checked at load time)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise D2PruneError(f"NaN/Inf in weight {name}: the checkpoint is corrupt")
+    return tensors
+
+
 class StreamedBlocks(BlockSource):
     """Block source reading each block from the checkpoint when it is opened
     and releasing it (back to the meta device) when it is closed. The rest of
@@ -209,8 +231,8 @@ class StreamedBlocks(BlockSource):
         params = outside_blocks(model, self.blocks)
         tied = tied_parameters(model)
         try:
-            for name, ref in params.items():
-                _set_param(model, name, self.reader.get(name).to(ref.dtype))
+            for name, t in _checked(self.reader.get_many(params)).items():
+                _set_param(model, name, t.to(params[name].dtype))
             for target, src in tied.items():
                 _set_param(model, target, model.get_parameter(src))
             with outside_on_device(model, device, self.compute_dtype):
@@ -231,9 +253,10 @@ class StreamedBlocks(BlockSource):
     def open(self, i: int, device: torch.device) -> Iterator[nn.Module]:
         block = self.blocks[i]
         try:
-            for local, full in self.names(i).items():
-                ref = block.get_parameter(local)
-                _set_param(block, local, self.reader.get(full).to(ref.dtype))
+            names = self.names(i)
+            tensors = _checked(self.reader.get_many(names.values()))
+            for local, full in names.items():
+                _set_param(block, local, tensors.pop(full).to(block.get_parameter(local).dtype))
             placed = place_params(block, device, self.compute_dtype)
             try:
                 yield block
