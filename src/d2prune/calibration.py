@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import MethodConfig, PruneConfig, to_dict
-from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block
+from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block, sample_batches
 from .methods.base import LayerPruner, Method
 from .modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from .resume import WorkFolder
@@ -49,6 +49,9 @@ class LayerReport:
     how: str = ""
 
 
+FAST_BATCH = 8  # --fast: samples per block forward
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """What a calibration pass collects besides the methods' own statistics.
@@ -60,6 +63,7 @@ class CalibrationOptions:
     extra_stats: tuple[StatKey, ...] = ()
     share_inputs: bool = True
     error_from_outputs: bool = False
+    batch: int = 1  # samples per block forward (--fast); 1 = the references' order of float operations
 
     @classmethod
     def of(cls, config: PruneConfig) -> "CalibrationOptions":
@@ -69,7 +73,8 @@ class CalibrationOptions:
         about one more forward of the layer), never accumulating a Hessian
         (d_in^2 * tokens) only for a statistic."""
         hessian = config.layer_error and config.method.uses_hessian
-        return cls(("hessian",) if hessian else (), config.share_inputs, config.layer_error and not hessian)
+        return cls(("hessian",) if hessian else (), config.share_inputs, config.layer_error and not hessian,
+                   FAST_BATCH if config.fast else 1)
 
 
 def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
@@ -191,8 +196,9 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
     param = next(block.parameters(), None)  # statistics live with the block (activations may be offloaded)
     obs = BlockObserver(layers.layers, watchers, param.device if param is not None else hidden.device, options)
     with forward_hooks(obs.hooks()):
-        for j in range(hidden.shape[0] if nsamples is None else nsamples):
-            run_block(block, hidden[j:j + 1], inputs.calls[layers.index][j], inputs)
+        n = hidden.shape[0] if nsamples is None else nsamples
+        for j0, j1 in sample_batches(inputs, layers.index, n, options.batch):
+            run_block(block, hidden[j0:j1], inputs.calls[layers.index][j0], inputs)
             obs.end_sample()
     if distributed.active():  # every process's samples count: statistics combined before any mask is chosen
         for st in {id(st): st for st in obs.stats.values()}.values():

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offload-activations", default=None, choices=["cpu", "disk"],
                    help="keep calibration activations in host RAM or memory-mapped files (beside --out) instead of on "
                         "the device (default: chosen when the device would run out of memory)")
+    s.add_argument("--fast", action="store_true",
+                   help="several calibration samples per block forward: faster, not bit-identical to the reference "
+                        "codes (recorded in d2prune.json)")
     s.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
 
@@ -245,7 +248,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if "takes no option" in str(e):
             raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
         raise
-    config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error)
+    config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
+                         fast=args.fast)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval)

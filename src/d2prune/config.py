@@ -351,6 +351,7 @@ class PruneConfig:
     device: str | None = None
     layer_error: bool = True  # compute ||WX - W'X||^2 / ||WX||^2 per layer (needs X^T X)
     share_inputs: bool = True  # one Hessian / Cholesky per distinct input (q/k/v, gate/up), not per Linear
+    fast: bool = False  # several samples per block forward: faster, not bit-identical to the references
 
     def __post_init__(self) -> None:
         method = self.method

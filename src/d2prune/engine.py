@@ -439,10 +439,39 @@ def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: 
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, i: int, inputs: BlockInputs) -> None:
-    """Overwrite ``inputs.hidden`` with this block's outputs, sample by sample."""
-    for j in range(inputs.hidden.shape[0]):
-        inputs.hidden[j:j + 1] = run_block(block, inputs.hidden[j:j + 1], inputs.calls[i][j], inputs)
+def propagate(block: nn.Module, i: int, inputs: BlockInputs, batch: int = 1) -> None:
+    """Overwrite ``inputs.hidden`` with this block's outputs, sample by sample
+    (``batch`` > 1: several samples per forward where they share their call)."""
+    for j0, j1 in sample_batches(inputs, i, inputs.hidden.shape[0], batch):
+        inputs.hidden[j0:j1] = run_block(block, inputs.hidden[j0:j1], inputs.calls[i][j0], inputs)
+
+
+def _same_call(a: object, b: object) -> bool:
+    """Two captured arguments are the same call: tensors the same object (the
+    capture stores equal tensors once), everything else equal."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_call(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_call(a[k], b[k]) for k in a)
+    return a == b
+
+
+def sample_batches(inputs: BlockInputs, i: int, n: int, batch: int) -> Iterator[tuple[int, int]]:
+    """``[j0, j1)`` ranges of at most ``batch`` consecutive samples of block
+    ``i`` whose other arguments are the same (masks, rotary tables...), so
+    they can run as one forward. ``batch=1``: one sample at a time, as the
+    reference codes (and their float results) do."""
+    j0 = 0
+    while j0 < n:
+        j1 = j0 + 1
+        first = inputs.calls[i][j0]
+        while j1 < min(n, j0 + batch) and _same_call(inputs.calls[i][j1].args, first.args) \
+                and _same_call(inputs.calls[i][j1].kwargs, first.kwargs):
+            j1 += 1
+        yield j0, j1
+        j0 = j1
 
 
 @torch.no_grad()

@@ -99,7 +99,7 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
         del obs
         errors = OutputError(layers, deltas)
         with forward_hooks(errors.hooks()):
-            propagate(block, i, inputs)
+            propagate(block, i, inputs, run.options.batch)
         errors.fill(rows)
         del deltas, errors
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
