@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from d2prune import PruneConfig, load_model, prune, sample_calibration
+from d2prune import PruneConfig, load_model, perplexity, prune, sample_calibration
 from d2prune.config import method_label, parse_method_spec
 from d2prune.data import calibration_texts, heldout_windows
 from d2prune.engine import propagate, run_block, sequential
@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
     ap.add_argument("--heldout-windows", type=int, default=8, help="held-out windows for d2prune:frozen=auto")
     ap.add_argument("--no-share", action="store_true", help="one Hessian per Linear (the references' way), for comparison")
+    ap.add_argument("--compare-fast", action="store_true", help="run every method exact and with --fast")
+    ap.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 perplexity on the first N windows of each result")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
@@ -100,21 +102,29 @@ def main(argv=None) -> int:
     rows = []
     from d2prune.sweep import split_methods
 
+    windows = None
+    if args.eval_windows:
+        from d2prune.data import SHARED_WIKI, eval_text, eval_windows, find_shared_data
+
+        windows = eval_windows(tok, eval_text("wikitext2", str(find_shared_data() / SHARED_WIKI)), args.seqlen)
+        windows = windows[:args.eval_windows]
     for mcfg in split_methods(args.methods):
-        name = method_label(mcfg)
-        best = None
-        for _ in range(args.repeat):
-            m = copy.deepcopy(model)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            rep = prune(m, PruneConfig(method=mcfg, sparsity=args.sparsity, device=str(device),
-                                       share_inputs=not args.no_share), calib, held)
-            sync(device)
-            if best is None or rep.seconds < best[0]:
-                best = (rep.seconds, rep.calib_forward_seconds, rep.sparsity, cuda_peak_mib(device))
-            del m
-        rows.append((name, *best, peak_rss_mib()))
+        for fast in ((False, True) if args.compare_fast else (False,)):
+            name = method_label(mcfg) + (" --fast" if fast else "")
+            best = None
+            for _ in range(args.repeat):
+                m = copy.deepcopy(model)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
+                rep = prune(m, PruneConfig(method=mcfg, sparsity=args.sparsity, device=str(device),
+                                           share_inputs=not args.no_share, fast=fast), calib, held)
+                sync(device)
+                ppl = perplexity(m, windows, device=device).ppl if windows is not None else float("nan")
+                if best is None or rep.seconds < best[0]:
+                    best = (rep.seconds, rep.calib_forward_seconds, rep.sparsity, cuda_peak_mib(device), ppl)
+                del m
+            rows.append((name, *best, peak_rss_mib()))
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     cpu = platform.processor() or platform.machine()
     head = (f"model {src.describe()} | {args.nsamples} x {args.seqlen} calibration tokens | sparsity {args.sparsity} | "
@@ -124,10 +134,10 @@ def main(argv=None) -> int:
              f"floor (capture + 2 block forwards per block): {floor:.2f} s; peak RSS after loading: {rss_loaded:.0f} MiB", "",
              "peak RSS: the process's high-water mark after that method (run one method per process for per-method figures); "
              "dense calib pass: the calibration forwards with their statistics hooks", "",
-             "| method | prune s | x floor | dense calib pass s | sparsity | peak RSS MiB | CUDA peak MiB |",
-             "|---|---|---|---|---|---|---|"]
-    for name, secs, calib_s, sp, cuda_mib, rss in rows:
-        lines.append(f"| {name} | {secs:.2f} | {secs / floor:.2f} | {calib_s:.2f} | {sp:.4f} | {rss:.0f} | "
+             "| method | prune s | x floor | dense calib pass s | sparsity | ppl | peak RSS MiB | CUDA peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, secs, calib_s, sp, cuda_mib, ppl, rss in rows:
+        lines.append(f"| {name} | {secs:.2f} | {secs / floor:.2f} | {calib_s:.2f} | {sp:.4f} | {ppl:.3f} | {rss:.0f} | "
                      f"{'-' if cuda_mib is None else f'{cuda_mib:.0f}'} |")
     text = "\n".join(lines)
     print(text)
@@ -139,7 +149,8 @@ def main(argv=None) -> int:
                        "device": str(device), "threads": torch.get_num_threads(), "floor_seconds": floor,
                        "rss_after_load_mib": rss_loaded,
                        "methods": [{"method": n, "prune_seconds": s, "calib_pass_seconds": c, "sparsity": sp,
-                                    "cuda_peak_mib": cm, "peak_rss_mib": r} for n, s, c, sp, cm, r in rows]}, f, indent=2)
+                                    "cuda_peak_mib": cm, "ppl": p, "peak_rss_mib": r} for n, s, c, sp, cm, p, r in rows]},
+                      f, indent=2)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(text + "\n\n")
