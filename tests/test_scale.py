@@ -271,3 +271,20 @@ def test_pruner_zero_refuses_streamed_blocks(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--stream off" in err and "GB of gradient statistics" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_ppl_streams_a_model_that_does_not_fit(tmp_path, stories_bf16, monkeypatch, capsys):
+    """`d2prune eval --ppl` on a model larger than the RAM share runs block by
+    block from disk and gives the perplexity the prune recorded."""
+    import d2prune.streaming as streaming
+
+    rec = _prune(stories_bf16, tmp_path / "st", "--method", "wanda", "--stream", "on")
+    monkeypatch.setattr(streaming, "STREAM_RAM_SHARE", 0.0)  # everything counts as too large: streamed
+    opened = []
+    real_load = streaming.load_streamed
+    monkeypatch.setattr(streaming, "load_streamed", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", "--model", str(tmp_path / "st"), "--ppl", "--eval-file", str(WIKI), "--seqlen", "128",
+                 "--eval-windows", "4", "--output", str(out)]) == 0
+    assert opened, "the model was not streamed"
+    assert json.loads(out.read_text())["ppl"]["ppl"] == rec["evaluation"]["wikitext2"]["ppl"]

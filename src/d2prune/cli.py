@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --zero-shot or --tasks: both")
     e.add_argument("--zero-shot", action="store_true", help="zero-shot accuracy (the default unless --ppl is given)")
     e.add_argument("--eval-file", default=None)
-    e.add_argument("--seqlen", type=int, default=None)
+    e.add_argument("--seqlen", type=_seqlen, default=None)
     e.add_argument("--eval-windows", type=_int_or_none, default=None)
     e.add_argument("--output", default=None, help="write the results as JSON here")
 

@@ -233,7 +233,7 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
 
 
 def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = "auto", device: str | None = None,
-                   ppl: bool = False, eval_file: str | None = None, seqlen: int | None = None,
+                   ppl: bool = False, eval_file: str | None = None, seqlen: int | str | None = None,
                    eval_windows: int | None = None) -> dict:
     """Zero-shot accuracy (``zero_shot``: :func:`~d2prune.zeroshot.evaluate_zero_shot`
     options; None skips it) and/or WikiText-2 perplexity (``ppl``) of a model or
@@ -247,17 +247,22 @@ def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = 
         check_zero_shot(**zero_shot)
     data = DataConfig(eval_file=eval_file, eval_windows=eval_windows)
     texts = eval_texts(data) if ppl else {}
-    model, tokenizer, source = load_model(model_name, dtype=resolve_dtype(dtype, device))
-    seqlen = seqlen or default_seqlen(model)
+    if zero_shot is None:  # perplexity alone runs block by block, streamed from disk when the model does not fit
+        opened = open_model(model_name, dtype, pick_device(device), "auto")
+        model, tokenizer, description, source = opened.model, opened.tokenizer, opened.description, opened.source
+    else:  # lm-eval needs the whole model
+        model, tokenizer, src = load_model(model_name, dtype=resolve_dtype(dtype, device))
+        description, source = src.describe(), None
+    seqlen = seqlen_for(model, seqlen)
     windows = None
     if ppl:
         check_seqlen(model, seqlen)
         windows = eval_window_sets(tokenizer, texts, seqlen)
-    out: dict = {"model": source.describe(), "versions": library_versions()}
+    out: dict = {"model": description, "versions": library_versions()}
     if zero_shot is not None:
         out["zero_shot"] = evaluate_zero_shot(model, tokenizer, device=device, **zero_shot).to_dict()
     if ppl:
-        res = evaluate_ppl(model, tokenizer, data, seqlen, device, windows=windows)
+        res = evaluate_ppl(model, tokenizer, data, seqlen, device, source=source, windows=windows)
         out["ppl"] = asdict(res["wikitext2"])
     return out
 
