@@ -31,7 +31,7 @@ from . import distributed
 from .config import MethodConfig, PruneConfig, to_dict
 from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block, sample_batches
 from .methods.base import LayerPruner, Method
-from .modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
+from .modeling import STORAGE_DTYPE, Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from .resume import WorkFolder
 from .streaming import block_tensors
 from .stats import InputStats, StatKey
@@ -230,7 +230,11 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         distributed.broadcast_([layer.weight.data])  # every process continues with rank 0's block
         err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
         if err is None and deltas is not None:
-            deltas[n] = W.sub_(weight_matrix(layer).float())  # what was taken away, as the layer will compute it
+            dW = W.sub_(weight_matrix(layer).float())  # what was taken away, as the layer will compute it
+            stored = layer.weight.dtype if getattr(layer.weight, STORAGE_DTYPE, None) is None else \
+                getattr(layer.weight, STORAGE_DTYPE)
+            compact = dW.to(stored)  # a mask-only method removes stored values: exact in the storage dtype
+            deltas[n] = compact if torch.equal(compact.float(), dW) else dW
         achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
         row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label)
         rows.append(row)
@@ -256,7 +260,7 @@ class OutputError:
             def hook(module, inp, out):
                 x = inp[0].detach()
                 y = (out[0] if isinstance(out, tuple) else out).detach().float()
-                e = x.float() @ self.deltas[name].t()
+                e = x.float() @ self.deltas[name].t().float()
                 self.num[name] += float((e * e).sum())
                 self.den[name] += float(((y + e) ** 2).sum())
             return hook

@@ -15,6 +15,9 @@ is opened without materialising it:
   checkpoint (one shard per block + one for the rest, and the index) that
   ``AutoModelForCausalLM.from_pretrained`` loads.
 
+A ``.gguf`` file streams likewise (:class:`GGUFCheckpointReader`): one tensor
+de-quantised at a time, equal bit for bit to what transformers loads.
+
 Tensor names are the skeleton's ``state_dict`` names; a checkpoint that names
 its tensors otherwise (transformers renames some legacy layouts on load) is
 refused with a one-line error pointing at the in-memory path (``--stream off``).
@@ -23,6 +26,7 @@ refused with a one-line error pointing at the in-memory path (``--stream off``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -43,6 +47,35 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | os.PathLike, names) -> dict[str, Tensor]:
+    """``names`` from a safetensors file, each read straight into a new
+    tensor (header parsed, ``readinto`` at the tensor's offset). safetensors'
+    own ``get_tensor`` maps the file, and mapped pages count in the resident
+    memory of the process until the file is closed."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for name in names:
+            info = header.get(name)
+            if info is None:
+                raise D2PruneError(f"tensor {name} is not in {path}")
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            view = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+            f.seek(base + begin)
+            if view is not None and f.readinto(memoryview(view)) != end - begin:
+                raise D2PruneError(f"{path} is truncated: tensor {name} is incomplete")
+            out[name] = t
+    return out
 
 
 class CheckpointReader:
@@ -74,11 +107,9 @@ class CheckpointReader:
         return name in self.files
 
     def get_many(self, names) -> dict[str, Tensor]:
-        """Tensors by name, each file opened once and closed right after: the
-        pages safetensors maps count in the process's RSS while mapped, so a
-        file left open would keep every block ever read resident."""
-        from safetensors import safe_open
-
+        """Tensors by name, read with plain file reads into fresh tensors
+        (:func:`read_safetensors`): no memory map, so the process's resident
+        memory holds exactly the tensors asked for, not the file's pages."""
         by_file: dict[Path, list[str]] = {}
         for n in names:
             if n not in self.files:
@@ -86,9 +117,7 @@ class CheckpointReader:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for path, ns in by_file.items():
-            with safe_open(str(path), "pt") as f:
-                for n in ns:
-                    out[n] = f.get_tensor(n)
+            out.update(read_safetensors(path, ns))
         return out
 
     def get(self, name: str) -> Tensor:
@@ -123,6 +152,54 @@ class CheckpointReader:
                 self.files[name] = path
 
 
+class GGUFCheckpointReader(CheckpointReader):
+    """A ``.gguf`` file as a checkpoint: transformers' tensor name -> the file,
+    each tensor de-quantised only when read (:class:`d2prune.gguf_stream.GGUFFile`:
+    bit for bit what ``from_pretrained(folder, gguf_file=...)`` loads, in
+    ``dtype``, float32 when None). Tensors of safetensors shards given to
+    :meth:`add` (finished blocks) are read from those instead."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype | None = None):
+        from .gguf_stream import GGUFFile
+
+        self.gguf = GGUFFile(path, dtype)
+        self.path = self.gguf.path
+        self.folder = self.path.parent
+        self.config = self.gguf.config  # transformers' config for the file (AutoConfig with gguf_file)
+        self.files = {name: self.path for name in self.gguf.names()}
+
+    def get_many(self, names) -> dict[str, Tensor]:
+        names = list(names)
+        in_gguf = [n for n in names if self.files.get(n) == self.path]
+        out = self.gguf.get_many(in_gguf) if in_gguf else {}
+        others = [n for n in names if n not in out]
+        if others:
+            out.update(super().get_many(others))
+        return {n: out[n] for n in names}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        from safetensors import safe_open
+
+        out = {n: self.gguf.dtype for n, p in self.files.items() if p == self.path}
+        for path in {p for p in self.files.values() if p != self.path}:
+            with safe_open(str(path), "pt") as f:
+                for n in f.keys():
+                    if self.files.get(n) == path:
+                        out[n] = _DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
+        return out
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.gguf.dtype if self.files.get(name) == self.path else self.dtypes()[name]
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the tensors are de-quantised to."""
+        return self.gguf.dtype
+
+    def nbytes(self) -> int:
+        """The de-quantised size (what the in-memory path holds), not the file's."""
+        return self.gguf.nbytes()
+
+
 # --------------------------------------------------------------------------- skeleton
 def _set_param(root: nn.Module, name: str, value: Tensor | nn.Parameter) -> None:
     owner, _, attr = name.rpartition(".")
@@ -142,8 +219,7 @@ def _release(block: nn.Module) -> None:
     trim_heap()
 
 
-def trim_heap() -> None:
-    """``malloc_trim(0)`` where glibc has it; nothing elsewhere."""
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
@@ -153,8 +229,25 @@ def trim_heap() -> None:
             _LIBC.malloc_trim  # noqa: B018 - probe
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)`` where glibc has it; nothing elsewhere."""
+    if _libc():
+        _libc().malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def fix_mmap_threshold(size: int = 1 << 20) -> None:
+    """Allocations above ``size`` always get their own mapping, returned to
+    the OS when freed. glibc otherwise raises the threshold after every large
+    free, and later tensors of that size come from the heap, which keeps the
+    pages: the RSS of a streamed run would climb with every block."""
+    if _libc():
+        _libc().mallopt(M_MMAP_THRESHOLD, size)
 
 
 _LIBC = None
@@ -170,14 +263,21 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
 
 def load_streamed(path: str, dtype: torch.dtype | None = None):
     """``(model, tokenizer, reader)``: the skeleton of the checkpoint in ``path``
-    with its non-block weights loaded and every block on the meta device."""
+    with its non-block weights loaded and every block on the meta device.
+    ``path``: a safetensors folder, or a ``.gguf`` file (tensors de-quantised
+    one at a time when read, config and tokenizer as transformers reads them)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    reader = CheckpointReader(path)
+    kw: dict = {}
+    if str(path).lower().endswith(".gguf") and Path(path).is_file():
+        reader = GGUFCheckpointReader(path, dtype)
+        path, kw = str(reader.folder), {"gguf_file": reader.path.name}
+    else:
+        reader = CheckpointReader(path)
     storage = dtype or reader.storage_dtype()
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = copy.deepcopy(reader.config) if kw else AutoConfig.from_pretrained(path, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=storage)
     except Exception as e:
@@ -194,7 +294,7 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
     for target, src in tied.items():  # one Parameter object for both names, as from_pretrained ties them
         _set_param(model, target, model.get_parameter(src))
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
     except Exception as e:
         raise D2PruneError(f"could not load the tokenizer of {path}: {type(e).__name__}: {first_line(e)}") from e
     model.eval()
@@ -225,6 +325,7 @@ class StreamedBlocks(BlockSource):
     def __init__(self, blocks: Blocks, reader: CheckpointReader, compute_dtype: torch.dtype | None = None):
         super().__init__(blocks, compute_dtype)
         self.reader = reader
+        fix_mmap_threshold()
 
     @contextlib.contextmanager
     def outside(self, model: nn.Module, device: torch.device) -> Iterator[None]:
@@ -283,34 +384,51 @@ def shard_name(k: int, total: int) -> str:
     return f"model-{k:05d}-of-{total:05d}.safetensors"
 
 
+REST_SHARD_BYTES = 1 << 30  # what is outside the blocks goes to shards of at most this (a bigger tensor alone)
+
+
 def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list[Path], folder: str | os.PathLike,
                   storage: torch.dtype) -> None:
-    """Write ``model`` into ``folder`` as an ordinary sharded checkpoint: shard 1
-    holds everything outside the blocks (read from the input), shard ``i + 2`` is block
-    ``i`` (``block_shards[i]``, already written; hard-linked when possible, so no
-    block passes through RAM again), plus ``model.safetensors.index.json`` and
-    the config (``dtype`` = the storage dtype; no ``auto_map``)."""
+    """Write ``model`` into ``folder`` as an ordinary sharded checkpoint: first
+    what is outside the blocks (read from the input again, one shard of at
+    most 1 GiB at a time), then one shard per block (``block_shards[i]``,
+    already written; hard-linked when possible, so no block passes through RAM
+    again), ``model.safetensors.index.json`` and the config (``dtype`` = the
+    storage dtype; no ``auto_map``)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     folder = Path(folder)
     blocks = find_blocks(model)
-    total = len(block_shards) + 1
     tied = tied_parameters(model)
-    rest = {n: reader.get(n).to(p.dtype) for n, p in model.named_parameters(remove_duplicate=False)
+    rest = {n: p for n, p in model.named_parameters(remove_duplicate=False)
             if not n.startswith(blocks.prefix + ".") and n not in tied}  # unchanged by pruning: copied from the input
-    weight_map = {n: shard_name(1, total) for n in rest}
-    size = sum(t.numel() * t.element_size() for t in rest.values())
-    save_file(rest, str(folder / shard_name(1, total)), metadata={"format": "pt"})
+    groups: list[list[str]] = []
+    filled = REST_SHARD_BYTES
+    for n, p in rest.items():
+        nbytes = p.numel() * p.element_size()
+        if filled + nbytes > REST_SHARD_BYTES:
+            groups.append([])
+            filled = 0
+        groups[-1].append(n)
+        filled += nbytes
+    total = len(groups) + len(block_shards)
+    weight_map, size = {}, 0
+    for k, names in enumerate(groups):
+        tensors = {n: t.to(rest[n].dtype) for n, t in reader.get_many(names).items()}
+        save_file(tensors, str(folder / shard_name(k + 1, total)), metadata={"format": "pt"})
+        weight_map.update({n: shard_name(k + 1, total) for n in names})
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
     for i, src in enumerate(block_shards):
-        dst = folder / shard_name(i + 2, total)
+        dst = folder / shard_name(len(groups) + i + 1, total)
         try:
             os.link(src, dst)
         except OSError:
             import shutil
 
             shutil.copyfile(src, dst)
-        with safe_open(str(dst), "pt") as f:
+        with safe_open(str(dst), "pt") as f:  # the header only: no tensor is read
             for name in f.keys():
                 weight_map[name] = dst.name
                 sl = f.get_slice(name)
@@ -370,8 +488,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.device, stream: str = "auto") -> OpenedModel:
     """Open ``--model`` for pruning: streamed from disk (``stream="on"``, or
-    ``"auto"`` when the safetensors checkpoint is larger than half the
-    available RAM), else loaded in memory. Storage dtype: the checkpoint's
+    ``"auto"`` when the safetensors checkpoint, or a GGUF file's de-quantised
+    tensors, take more than half the available RAM), else loaded in memory. Storage dtype: the checkpoint's
     (``dtype="auto"``) or the one asked for; blocks compute in fp32 on a CPU
     when stored in half precision (:func:`d2prune.modeling.compute_dtype_for`)."""
     from .modeling import _dtype, load_model, resolve_source
@@ -382,19 +500,25 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
     folder = Path(src.path)
     if stream != "off" and not src.is_local and not src.gguf_file:
         folder = Path(download_safetensors(src.path))
-    files = _safetensors_files(folder) if (folder.is_dir() and not src.gguf_file) else []
+    gguf = folder / src.gguf_file if src.gguf_file else None
+    files = [gguf] if gguf else (_safetensors_files(folder) if folder.is_dir() else [])
     if stream == "on" and not files:
-        raise D2PruneError(f"--stream on needs a safetensors checkpoint; {src.describe()} has none "
-                           "(GGUF files are de-quantised in memory): use --stream off")
+        raise D2PruneError(f"--stream on needs a safetensors or GGUF checkpoint; {src.describe()} has none: "
+                           "use --stream off")
     want = _dtype(dtype)
     if stream == "auto":
-        size = sum(f.stat().st_size for f in files)
-        stream = "on" if files and size > STREAM_RAM_SHARE * available_ram() else "off"
+        if gguf:  # what the in-memory path would hold: the de-quantised tensors (None: not streamable)
+            from .gguf_stream import dequantized_nbytes
+
+            size = dequantized_nbytes(gguf, None if want == "auto" else want)
+        else:
+            size = sum(f.stat().st_size for f in files)
+        stream = "on" if files and size is not None and size > STREAM_RAM_SHARE * available_ram() else "off"
         if stream == "on":
-            log.info("the checkpoint (%.1f GB) is larger than half the available RAM: streaming its blocks from disk",
-                     size / 1e9)
+            log.info("the checkpoint (%.1f GB%s) is larger than half the available RAM: streaming its blocks from disk",
+                     size / 1e9, " de-quantised" if gguf else "")
     if stream == "on":
-        model, tok, reader = load_streamed(str(folder), None if want == "auto" else want)
+        model, tok, reader = load_streamed(str(gguf or folder), None if want == "auto" else want)
         storage = next(model.parameters()).dtype
         source = StreamedBlocks(find_blocks(model), reader, compute_dtype_for(device, storage))
         return OpenedModel(model, tok, src.describe(), source, storage, reader, files)
