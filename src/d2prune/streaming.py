@@ -507,13 +507,14 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
                            "use --stream off")
     want = _dtype(dtype)
     if stream == "auto":
+        limit = STREAM_RAM_SHARE * available_ram()
         if gguf:  # what the in-memory path would hold: the de-quantised tensors (None: not streamable)
             from .gguf_stream import dequantized_nbytes
 
-            size = dequantized_nbytes(gguf, None if want == "auto" else want)
+            size = dequantized_nbytes(gguf, None if want == "auto" else want, limit)
         else:
             size = sum(f.stat().st_size for f in files)
-        stream = "on" if files and size is not None and size > STREAM_RAM_SHARE * available_ram() else "off"
+        stream = "on" if files and size is not None and size > limit else "off"
         if stream == "on":
             log.info("the checkpoint (%.1f GB%s) is larger than half the available RAM: streaming its blocks from disk",
                      size / 1e9, " de-quantised" if gguf else "")
