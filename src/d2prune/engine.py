@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import D2PruneError
-from .modeling import STORAGE_DTYPE, Blocks, find_blocks
+from .modeling import STORAGE_DTYPE, Blocks, all_finite, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,14 @@ class _BlockStub(nn.Module):
 
 @contextlib.contextmanager
 def _stubbed(model: nn.Module, blocks: Blocks, handler: Callable, device: torch.device,
-             source: "BlockSource") -> Iterator[None]:
+             source: "BlockSource", head: bool = True) -> Iterator[None]:
     """Swap every block for a stub and have the source put the rest of the
     model (embeddings, norms, head) on ``device``; always restore both."""
     real = list(blocks.layers)
     try:
         for i, b in enumerate(real):
             blocks.layers[i] = _BlockStub(i, b, handler)
-        with source.outside(model, device):  # the blocks are out of the tree now
+        with source.outside(model, device, head):  # the blocks are out of the tree now
             yield
     finally:
         for i, b in enumerate(real):
@@ -166,7 +166,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        with _stubbed(model, blocks, handler, device, source):
+        with _stubbed(model, blocks, handler, device, source, head=False):  # the capture stops at the last block
             for j in range(nsamples):
                 state["j"], state["memo"] = j, {}
                 try:
@@ -366,9 +366,10 @@ class BlockSource:
         """Block ``i`` ready to run on ``device`` for the duration of a ``with``."""
         return on_device(self.blocks[i], device, self.compute_dtype)
 
-    def outside(self, model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    def outside(self, model: nn.Module, device: torch.device, head: bool = True) -> contextlib.AbstractContextManager:
         """Everything but the blocks (embeddings, final norm, head) ready on
-        ``device`` for the duration (called while the blocks are stubbed out)."""
+        ``device`` for the duration (called while the blocks are stubbed out;
+        ``head=False``: the output head will not run, a source may leave it unread)."""
         return outside_on_device(model, device, self.compute_dtype)
 
     def saved(self, i: int, shard: str | os.PathLike) -> None:
@@ -398,7 +399,7 @@ def forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
 
 
 def check_finite(t: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise D2PruneError(
             f"NaN/Inf in {what}: the model overflows on this data; load it in float32 (--dtype float32) or check its weights"
         )

@@ -236,6 +236,12 @@ def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto
 FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite() pass: bounded extra memory for a 128k-vocabulary embedding
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``, checked in chunks: ``isfinite`` of a whole bf16
+    tensor makes fp32 and bool temporaries of its full size (5 bytes per element)."""
+    return all(bool(torch.isfinite(c).all()) for c in t.detach().reshape(-1).split(FINITE_CHECK_CHUNK))
+
+
 def check_finite_weights(model: nn.Module, what: str) -> None:
     """Refuse a checkpoint with a NaN/Inf weight, naming the tensor. Left in,
     it poisons every statistic after it and surfaces blocks later as a NaN
@@ -243,7 +249,7 @@ def check_finite_weights(model: nn.Module, what: str) -> None:
     for name, p in model.named_parameters():
         if p.device.type == "meta" or not p.is_floating_point():
             continue
-        if not all(torch.isfinite(c).all() for c in p.detach().reshape(-1).split(FINITE_CHECK_CHUNK)):
+        if not all_finite(p):
             hint = " (or a value beyond float16's range: load it with --dtype float32)" if p.dtype == torch.float16 else ""
             raise D2PruneError(f"NaN/Inf in weight {name} of {what}: the checkpoint is corrupt{hint}")
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .engine import BlockSource, outside_on_device, place_params
 from .errors import D2PruneError, first_line
-from .modeling import STORAGE_DTYPE, Blocks, compute_dtype_for, find_blocks
+from .modeling import STORAGE_DTYPE, all_finite, Blocks, compute_dtype_for, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def _checked(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """A streamed model's weights are checked for NaN/Inf as they are read
     (an in-memory one is checked at load time)."""
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise D2PruneError(f"NaN/Inf in weight {name}: the checkpoint is corrupt")
     return tensors
 
@@ -328,9 +328,13 @@ class StreamedBlocks(BlockSource):
         fix_mmap_threshold()
 
     @contextlib.contextmanager
-    def outside(self, model: nn.Module, device: torch.device) -> Iterator[None]:
+    def outside(self, model: nn.Module, device: torch.device, head: bool = True) -> Iterator[None]:
         params = outside_blocks(model, self.blocks)
         tied = tied_parameters(model)
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not head and out_emb is not None and not tied:  # the capture never reaches the head: leave it unread
+            skip = {id(p) for p in out_emb.parameters()}
+            params = {n: p for n, p in params.items() if id(p) not in skip}
         try:
             for name, t in _checked(self.reader.get_many(params)).items():
                 _set_param(model, name, t.to(params[name].dtype))
