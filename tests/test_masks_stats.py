@@ -116,3 +116,27 @@ def test_sq_norm_incremental_equals_batch():
     acc2 = RunningSqNorm(8, torch.device("cpu"))
     acc2.update(torch.cat(xs))
     torch.testing.assert_close(acc2.value, acc.value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_by_rows_chunks_equal_the_whole_matrix(monkeypatch, ties):
+    """A row-local rule evaluated a few rows at a time (how wide layers bound
+    their temporaries) gives the mask of the whole matrix at once, ties and a
+    last partial chunk included; Wanda's layer mask is such a rule."""
+    import d2prune.masks as masks
+    from d2prune.methods.wanda import WandaLayer, wanda_score
+    from d2prune.stats import InputStats
+
+    s = _scores(rows=37, cols=96, ties=ties, seed=5)
+    sparsity = Sparsity.parse("0.5")
+    whole = masks.row_mask(s, sparsity)
+    monkeypatch.setattr(masks, "ROW_CHUNK_ELEMENTS", 96 * 5)  # 5 rows per chunk, 8 chunks
+    assert torch.equal(masks.by_rows(s, lambda w: masks.row_mask(w, sparsity)), whole)
+    nm = Sparsity.parse("2:4")
+    assert torch.equal(masks.by_rows(s, lambda w: masks.row_mask(w, nm)), masks.nm_mask(s, 2, 4))
+
+    W = torch.randn(37, 96)
+    stats = InputStats(96, torch.device("cpu"), ["sq_norm"])
+    stats.update(torch.randn(1, 50, 96))
+    sq = stats["sq_norm"].value
+    assert torch.equal(WandaLayer("x", sparsity).mask(W, stats), masks.row_mask(wanda_score(W, sq), sparsity))

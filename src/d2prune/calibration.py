@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import distributed
 from .config import MethodConfig, PruneConfig, to_dict
 from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block, sample_batches
+from .masks import ROW_CHUNK_ELEMENTS
 from .methods.base import LayerPruner, Method
 from .modeling import STORAGE_DTYPE, Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from .resume import WorkFolder
@@ -79,10 +80,16 @@ class CalibrationOptions:
 
 def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     """``||W X - W' X||^2 / ||W X||^2`` over the calibration inputs, from the
-    (scaled) Gram matrix ``H`` of ``X``: ``tr(dW H dW^T) / tr(W H W^T)``."""
-    dW = W - W_new
-    num = float((dW @ H * dW).sum())
-    den = float((W @ H * W).sum())
+    (scaled) Gram matrix ``H`` of ``X``: ``tr(dW H dW^T) / tr(W H W^T)``.
+    ``W`` may be in any dtype (it is read in fp32); rows are taken a chunk at
+    a time so no full-size ``dW`` / ``dW H`` temporaries exist."""
+    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, W.shape[1]))
+    num = den = 0.0
+    for i in range(0, W.shape[0], rows):
+        w = W[i:i + rows].float()
+        dw = w - W_new[i:i + rows]
+        num += float((dw @ H * dw).sum())
+        den += float((w @ H * w).sum())
     return num / den if den > 0 else 0.0
 
 
@@ -224,18 +231,24 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         st, name = stats[n], layers.qualified[n]
         for t in st.tensors():
             check_finite(t, f"the calibration statistics of {name}")
-        W = weight_matrix(layer).float().clone()  # .float() aliases an fp32 weight
-        W_new, _ = pruners[n].prune(W.clone(), st)
+        dense = weight_matrix(layer)  # a view: the dense weight until the write-back below
+        # one fp32 working copy, which the wrapper prunes in place
+        W_new, _ = pruners[n].prune(dense.to(torch.float32, copy=True), st)
+        err = relative_error(dense, W_new, st["hessian"].H) if "hessian" in st else None
+        dW = dense.float() - W_new if err is None and deltas is not None else None
         set_weight_matrix(layer, W_new)
         distributed.broadcast_([layer.weight.data])  # every process continues with rank 0's block
-        err = relative_error(W, W_new, st["hessian"].H) if "hessian" in st else None
-        if err is None and deltas is not None:
-            dW = W.sub_(weight_matrix(layer).float())  # what was taken away, as the layer will compute it
+        if dW is not None:
+            # what was taken away as the layer will compute it: W - W' where W' is
+            # the weight after the write-back (rounded to storage, rank 0's)
+            dW.add_(W_new.sub_(weight_matrix(layer).float()))
             stored = layer.weight.dtype if getattr(layer.weight, STORAGE_DTYPE, None) is None else \
                 getattr(layer.weight, STORAGE_DTYPE)
             compact = dW.to(stored)  # a mask-only method removes stored values: exact in the storage dtype
             deltas[n] = compact if torch.equal(compact.float(), dW) else dW
-        achieved = float((weight_matrix(layer) == 0).sum()) / W.numel()
+        del W_new, dW
+        W = weight_matrix(layer)
+        achieved = float((W == 0).sum()) / W.numel()
         row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label)
         rows.append(row)
         log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,

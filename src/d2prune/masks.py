@@ -31,10 +31,18 @@ def first_k_stable(score: Tensor, k: int) -> Tensor:
         mask = torch.zeros_like(score, dtype=torch.bool)
         return mask.scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :k], True)
     kth = torch.kthvalue(score, k, dim=1, keepdim=True).values
-    less = score < kth
+    mask = score < kth
     tied = score == kth
-    need = k - less.sum(1, keepdim=True)  # how many of the ties the stable sort reaches
-    return less | (tied & (tied.cumsum(1) <= need))
+    need = k - mask.sum(1, keepdim=True)  # how many of the ties the stable sort reaches (>= 1)
+    ntied = tied.sum(1, keepdim=True)
+    mask |= tied & (ntied <= need)  # the usual row: every tie is reached
+    # Rows with more ties than the sort reaches take the leftmost ``need``. Only
+    # those rows pay for the running count (int64: 8 bytes per score).
+    rows = (ntied > need).squeeze(1).nonzero().squeeze(1)
+    if rows.numel():
+        t = tied[rows]
+        mask[rows] |= t & (t.cumsum(1) <= need[rows])
+    return mask
 
 
 def lowest_per_row(score: Tensor, ratio: float) -> Tensor:
@@ -62,6 +70,25 @@ def at_or_below_kth(score: Tensor, ratio: float) -> Tensor:
     else:
         thresh = torch.kthvalue(flat, k + 1).values
     return score <= thresh
+
+
+# Scores taken at once by :func:`by_rows`: bounds a wide layer's temporaries
+# (score, selection, comparisons) to a few times 16M elements instead of
+# several full-size copies (a 14336 x 4096 MLP matrix is 59M weights).
+ROW_CHUNK_ELEMENTS = 1 << 24
+
+
+def by_rows(W: Tensor, rule) -> Tensor:
+    """``rule(W)`` for a row-local mask rule (each row's mask depends only on
+    that row: per-row selection, N:M), evaluated a chunk of rows at a time into
+    one boolean mask. Identical to ``rule(W)``; peak memory ~ one chunk."""
+    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, W.shape[1]))
+    if rows >= W.shape[0]:
+        return rule(W)
+    mask = torch.empty(W.shape, dtype=torch.bool, device=W.device)
+    for i in range(0, W.shape[0], rows):
+        mask[i:i + rows] = rule(W[i:i + rows])
+    return mask
 
 
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:

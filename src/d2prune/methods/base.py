@@ -62,7 +62,7 @@ class MaskPruner(LayerPruner):
 
     def prune(self, W: Tensor, stats: InputStats) -> tuple[Tensor, Tensor]:
         mask = self.mask(W, stats)
-        W[mask] = 0
+        W.masked_fill_(mask, 0)
         return W, mask
 
 

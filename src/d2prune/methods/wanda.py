@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..config import Sparsity, WandaConfig
-from ..masks import row_mask
+from ..masks import by_rows, row_mask
 from .base import MaskPruner, Method, register
 
 
@@ -21,7 +21,10 @@ class WandaLayer(MaskPruner):
     label = "wanda"
 
     def mask(self, W, stats):
-        return row_mask(wanda_score(W, stats["sq_norm"].value), self.sparsity)
+        sq_norm = stats["sq_norm"].value
+        # row-local rule: scored a chunk of rows at a time (a 14336-wide layer's
+        # full-size score and selection temporaries would set the block's peak)
+        return by_rows(W, lambda w: row_mask(wanda_score(w, sq_norm), self.sparsity))
 
 
 @register
