@@ -7,6 +7,7 @@
 """
 
 
+from .compress import compress_folder, from_pretrained, is_compressed, register_with_transformers
 from .config import (D2PruneConfig, MagnitudeConfig, MethodConfig, PruneConfig, PrunerZeroConfig, SparseGPTConfig,
                      Sparsity, WandaConfig, parse_method_spec)
 from .data import eval_text, eval_windows, read_texts, sample_calibration
@@ -19,8 +20,11 @@ from .save import save_pruned
 
 __version__ = "0.1.0"
 
+# AutoModelForCausalLM.from_pretrained(compressed folder) after `import d2prune`
+register_with_transformers()
+
 __all__ = [
     "D2PruneConfig", "D2PruneError", "LayerReport", "PrunerZeroConfig", "parse_method_spec", "MagnitudeConfig", "MethodConfig", "PerplexityResult", "PruneConfig",
     "PruneReport", "SparseGPTConfig", "Sparsity", "WandaConfig", "eval_text", "eval_windows", "find_blocks",
-    "find_prunable", "load_model", "perplexity", "prune", "read_texts", "sample_calibration", "save_pruned",
+    "find_prunable", "compress_folder", "from_pretrained", "is_compressed", "load_model", "perplexity", "prune", "read_texts", "sample_calibration", "save_pruned",
 ]

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_zeroshot_flags(p, with_switch=True)
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
+                   help="dense: save_pretrained's layout; compressed: each sparse matrix as a bitmask (or 2:4 / 4:8 "
+                        "indices) + its non-zero values, loaded back by AutoModelForCausalLM.from_pretrained after "
+                        "`import d2prune`")
     p.add_argument("--json", action="store_true", help="print the d2prune.json record on stdout")
     s = p.add_argument_group("scale")
     s.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
@@ -202,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nsamples", type=int, default=None)
     d.add_argument("--seqlen", type=int, default=None)
     d.add_argument("--eval-windows", type=int, default=None)
+    c = sub.add_parser("compress", help="re-save a pruned folder compressed (bitmask / N:M indices + values)")
+    c.add_argument("input", help="a pruned model folder (safetensors)")
+    c.add_argument("output", help="the compressed folder to write (atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    from .speed import add_arguments as add_speed_arguments
+
+    add_speed_arguments(sub.add_parser("speed", help="dense vs sparse inference speed (2:4 on NVIDIA GPUs, "
+                                                     "unstructured on CPU)"))
     for subparser in sub.choices.values():  # -q / -v after the subcommand too (SUPPRESS: absent = the global value)
         add_verbosity_flags(subparser, default=argparse.SUPPRESS)
     return parser
@@ -255,7 +268,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval)
     zs = zeroshot_options(args) if args.zero_shot else None
     record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs, stream=args.stream,
-                 restart=args.restart, offload=args.offload_activations)
+                 restart=args.restart, offload=args.offload_activations, save_format=args.save_format)
     if "rank" in record:  # another process of a torchrun job: rank 0 reports
         return 0
     if args.json:
@@ -266,6 +279,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         zs_text = f"  zero-shot mean {record['zero_shot']['mean']:.4f}" if record.get("zero_shot") else ""
         print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}{zs_text}  "
               f"prune {record['prune_seconds']:.1f}s" + (f"  -> {args.out}" if args.out else ""))
+        if "compression" in record:
+            c = record["compression"]
+            print(f"saved compressed: weights {c['stored_bytes'] / 1e9:.3f} GB vs {c['dense_bytes'] / 1e9:.3f} GB dense "
+                  f"({c['ratio']:.3f}x; the sparse matrices {c['sparse_matrices_ratio']:.3f}x)")
     return 0
 
 
@@ -388,6 +405,15 @@ def _main(argv: list[str] | None) -> int:
             print(diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot,
                            args.json)["table"])
             return 0
+        if args.command == "compress":
+            from .compress import compress_folder
+
+            print(compress_folder(args.input, args.output, overwrite=args.overwrite).line())
+            return 0
+        if args.command == "speed":
+            from .speed import main as speed_main
+
+            return speed_main(args)
         if args.command == "demo":
             from .demo import main as demo_main
 

@@ -106,17 +106,24 @@ def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
     return out
 
 
+SAVE_FORMATS = ("dense", "compressed")
+
+
 def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str | None = None,
         overwrite: bool = False, dtype: str = "auto", zero_shot: dict | None = None, stream: str = "auto",
-        restart: bool = False, offload: str | None = None) -> dict:
+        restart: bool = False, offload: str | None = None, save_format: str = "dense") -> dict:
     """Prune ``model_name`` with ``config`` and return the d2prune.json record
     (also written to ``out`` with the model, when given).
 
     ``stream``: read the blocks from disk one at a time (``on``), load the
     model in memory (``off``) or decide from its size (``auto``). With ``out``
     every finished block is saved in a work folder beside it, and the same
-    command resumes an interrupted run (``restart`` discards it instead)."""
+    command resumes an interrupted run (``restart`` discards it instead).
+    ``save_format``: ``dense`` (``save_pretrained``'s layout) or ``compressed``
+    (:mod:`d2prune.compress`: bitmask / N:M indices + values)."""
     t0 = time.perf_counter()
+    if save_format not in SAVE_FORMATS:
+        raise D2PruneError(f"unknown save format {save_format!r}: use one of {', '.join(SAVE_FORMATS)}")
     # everything that can be checked is checked before the (long) prune
     if out is not None:
         check_output_dir(out, overwrite)
@@ -183,6 +190,11 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
             if opened.streamed:
                 shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
                 writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype)  # noqa: E731
+            if save_format == "compressed":
+                from .compress import compressing
+
+                writer = compressing(writer or (lambda folder: model.save_pretrained(folder, safe_serialization=True)),
+                                     record)
             path = save_pruned(model, tokenizer, out, record, overwrite, write_weights=writer)
             log.info("saved pruned model to %s", path)
     except BaseException:

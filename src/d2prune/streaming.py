@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .engine import BlockSource, outside_on_device, place_params
 from .errors import D2PruneError, first_line
 from .modeling import STORAGE_DTYPE, all_finite, Blocks, compute_dtype_for, find_blocks
+from .sparse_format import NM_VALUES, SHAPE, VALUES, compressed_names, decompress_matrix, is_compressed
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,56 @@ class CheckpointReader:
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
                 self.files[name] = path
+
+
+class CompressedReader(CheckpointReader):
+    """A :class:`~d2prune.streaming.CheckpointReader` over a compressed folder
+    that answers in dense tensors: ``P.weight`` is decompressed from its stored
+    parts when asked for (the streamed, block-by-block path reads this way)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        super().__init__(folder)
+        self.stored = dict(self.files)  # every stored tensor -> its file
+        self.parts = compressed_names(self.stored)
+        part_names = {n for parts in self.parts.values() for n in parts.values()}
+        self.files = {n: f for n, f in self.stored.items() if n not in part_names}
+        for base, parts in self.parts.items():
+            self.files[base] = self.stored[parts[SHAPE]]
+
+    def get_many(self, names) -> dict[str, Tensor]:
+        names = list(names)
+        out = super().get_many([n for n in names if n not in self.parts])
+        for n in names:
+            if n in self.parts:
+                parts = self.parts[n]
+                by_file: dict[Path, list[str]] = {}
+                for stored in parts.values():
+                    by_file.setdefault(self.stored[stored], []).append(stored)
+                got = {}
+                for path, ns in by_file.items():
+                    got.update(read_safetensors(path, ns))
+                out[n] = decompress_matrix({s: got[stored] for s, stored in parts.items()})
+        return out
+
+    def add(self, path: str | os.PathLike) -> None:
+        """A finished (dense) block shard replaces the compressed parts of its tensors."""
+        super().add(path)
+        for n, f in self.files.items():
+            if f == Path(path):
+                self.parts.pop(n, None)
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        from safetensors import safe_open
+
+        stored: dict[str, torch.dtype] = {}
+        for path in set(self.stored.values()):
+            with safe_open(str(path), "pt") as f:
+                for n in f.keys():
+                    stored[n] = _DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
+        out = {n: stored[n] for n in self.files if n in stored and n not in self.parts}
+        for base, parts in self.parts.items():
+            out[base] = stored[parts[VALUES] if VALUES in parts else parts[NM_VALUES]]
+        return out
 
 
 class GGUFCheckpointReader(CheckpointReader):
@@ -274,10 +325,13 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
         reader = GGUFCheckpointReader(path, dtype)
         path, kw = str(reader.folder), {"gguf_file": reader.path.name}
     else:
-        reader = CheckpointReader(path)
+        # d2prune-sparse: each block's weights are decompressed as they are read
+        reader = CompressedReader(path) if is_compressed(path) else CheckpointReader(path)
     storage = dtype or reader.storage_dtype()
     try:
         config = copy.deepcopy(reader.config) if kw else AutoConfig.from_pretrained(path, trust_remote_code=False)
+        if isinstance(reader, CompressedReader if not kw else ()):
+            del config.quantization_config  # the model is dense in memory, and so is what it saves
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=storage)
     except Exception as e:

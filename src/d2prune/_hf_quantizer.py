@@ -1,0 +1,86 @@
+"""The ``d2prune_sparse`` quantization method for ``transformers.from_pretrained``.
+
+transformers (5.x) loads pre-quantized checkpoints through a registered
+quantizer whose *dequantize* operation maps each module's serialized tensors
+(``weight_shape``, ``weight_bitmask``, ``weight_values``, ... - see
+:mod:`d2prune.compress`) to its dense ``weight`` while the checkpoint is read,
+one module at a time. With ``dequantize = True`` transformers then drops the
+quantization config: the returned model is an ordinary dense model (saving it
+again writes a dense checkpoint, never a mislabelled one). Imported lazily by
+:func:`d2prune.compress.register_with_transformers` (``import d2prune`` calls it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .sparse_format import FORMAT, QUANT_METHOD, SUFFIXES, VERSION, decompress_matrix
+
+
+class D2PruneSparseConfig(QuantizationConfigMixin):
+    """``config.json``'s ``quantization_config`` of a compressed folder."""
+
+    def __init__(self, format: str = FORMAT, version: int = VERSION, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.version = version
+        self.dequantize = True  # the loaded model is dense: transformers removes this config after loading
+        if version > VERSION:
+            raise ValueError(f"{FORMAT} version {version} is newer than this d2prune reads ({VERSION}): upgrade d2prune")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": self.quant_method, "format": self.format, "version": self.version}
+
+
+class Decompress(ConversionOps):
+    """One module's serialized tensors -> its dense ``weight``. A plain
+    ``weight`` (a matrix stored dense: not sparse enough to gain) passes
+    through."""
+
+    def __init__(self, hf_quantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
+                full_layer_name: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
+        parts = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+        if "weight" in parts and len(parts) == 1:
+            return {full_layer_name: parts["weight"]}
+        stored = {k[len("weight"):]: v for k, v in parts.items() if k != "weight"}
+        return {full_layer_name: decompress_matrix(stored)}
+
+
+class D2PruneSparseQuantizer(HfQuantizer):
+    """Loads ``d2prune-sparse`` checkpoints (pre-compressed only)."""
+
+    requires_calibration = True  # nothing to do on a dense model: only loading compressed folders
+    serialized_names = {"weight": ["weight"] + ["weight" + s for s in SUFFIXES]}
+
+    def get_load_operations(self) -> dict:
+        return {"dequantize": Decompress}
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        return model  # the model stays dense: the dequantize operation runs on every stored weight
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(D2PruneSparseConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(D2PruneSparseQuantizer)

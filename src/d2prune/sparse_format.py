@@ -1,0 +1,149 @@
+"""The d2prune-sparse storage format: a sparse matrix as a bitmask or N:M
+indices plus its kept values (pure tensor code; folders, loading and the
+transformers integration are in :mod:`d2prune.compress`; docs/deploy.md §1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+FORMAT = "d2prune-sparse"
+QUANT_METHOD = "d2prune_sparse"
+VERSION = 1
+SHAPE, BITMASK, VALUES = "_shape", "_bitmask", "_values"
+NM, NM_VALUES, NM_INDICES = "_nm", "_nm_values", "_nm_indices"
+SUFFIXES = (SHAPE, BITMASK, VALUES, NM, NM_VALUES, NM_INDICES)
+NM_PATTERNS = ((2, 4), (4, 8))  # (kept, group) tried in this order: 2:4, then 4:8
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+
+# --------------------------------------------------------------------------- bits
+def pack_bits(bits: Tensor) -> Tensor:
+    """``[..., n]`` booleans -> ``[..., ceil(n / 8)]`` uint8, bit ``j % 8`` of byte
+    ``j // 8`` = ``bits[..., j]`` (the last byte zero-padded)."""
+    n = bits.shape[-1]
+    pad = (-n) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(*bits.shape[:-1], pad)], dim=-1)
+    weights = (1 << torch.arange(8, device=bits.device, dtype=torch.int32))
+    grouped = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.int32)
+    return (grouped * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: ``[..., ceil(n / 8)]`` uint8 -> ``[..., n]`` bool."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()
+
+
+def _kept(W: Tensor) -> Tensor:
+    """Weights whose bits are not all zero (``-0.0`` is kept: exact round trip)."""
+    return W.view(_INT_VIEW[W.element_size()]) != 0
+
+
+# --------------------------------------------------------------------------- one matrix
+def compress_matrix(name: str, W: Tensor, nm: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    """The tensors storing the 2-D weight ``name`` (e.g. ``...q_proj.weight``):
+    N:M when ``nm = (kept, group)`` fits it, else the bitmask."""
+    rows, cols = W.shape
+    kept = _kept(W)
+    out = {name + SHAPE: torch.tensor([rows, cols], dtype=torch.int64)}
+    if nm is not None:
+        k, m = nm
+        groups = kept.reshape(rows, cols // m, m)
+        # kept positions first (ascending), then the group's zeros (ascending) up to k
+        order = torch.sort((~groups).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+        idx = order.sort(dim=-1).values
+        values = torch.gather(W.reshape(rows, cols // m, m), -1, idx)
+        bits_per = int(math.log2(m))
+        bits = ((idx.unsqueeze(-1) >> torch.arange(bits_per, device=W.device)) & 1).reshape(rows, -1)
+        out[name + NM] = torch.tensor([k, m], dtype=torch.int64)
+        out[name + NM_VALUES] = values.reshape(rows, -1).contiguous()
+        out[name + NM_INDICES] = pack_bits(bits.bool())
+        return out
+    out[name + BITMASK] = pack_bits(kept)
+    out[name + VALUES] = W[kept].contiguous()
+    return out
+
+
+def decompress_matrix(parts: dict[str, Tensor]) -> Tensor:
+    """The dense matrix from its stored parts (keys are the suffixes:
+    ``_shape``, ``_bitmask``/``_values`` or ``_nm``/``_nm_values``/``_nm_indices``)."""
+    rows, cols = (int(v) for v in parts[SHAPE])
+    if NM in parts:
+        k, m = (int(v) for v in parts[NM])
+        values = parts[NM_VALUES].reshape(rows, cols // m, k)
+        bits_per = int(math.log2(m))
+        bits = unpack_bits(parts[NM_INDICES], (cols // m) * k * bits_per).reshape(rows, cols // m, k, bits_per)
+        idx = (bits.to(torch.int64) << torch.arange(bits_per, device=bits.device)).sum(-1)
+        W = torch.zeros(rows, cols // m, m, dtype=values.dtype, device=values.device)
+        return W.scatter_(-1, idx, values).reshape(rows, cols)
+    kept = unpack_bits(parts[BITMASK], cols)
+    values = parts[VALUES]
+    W = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    W[kept] = values
+    return W
+
+
+def nm_pattern(W: Tensor) -> tuple[int, int] | None:
+    """The first of 2:4, 4:8 that ``W`` satisfies (at most ``k`` kept weights in
+    every group of ``m`` consecutive inputs of a row), or None."""
+    kept = _kept(W)
+    for k, m in NM_PATTERNS:
+        if W.shape[1] % m == 0 and int(kept.reshape(W.shape[0], -1, m).sum(-1).max()) <= k:
+            return k, m
+    return None
+
+
+def compressed_bytes(W: Tensor, nm: tuple[int, int] | None) -> int:
+    rows, cols = W.shape
+    if nm is not None:
+        k, m = nm
+        kept = rows * cols // m * k
+        return kept * W.element_size() + math.ceil(kept * int(math.log2(m)) / 8) + 32
+    return rows * math.ceil(cols / 8) + int(_kept(W).sum()) * W.element_size() + 16
+
+
+def encode(name: str, t: Tensor) -> dict[str, Tensor]:
+    """``{name: t}`` unchanged, or the compressed parts of ``t`` when it is a
+    floating 2-D ``.weight`` that they store in fewer bytes."""
+    if not (name.endswith("weight") and t.ndim == 2 and t.is_floating_point() and t.numel()):
+        return {name: t}
+    dense = t.numel() * t.element_size()
+    nm = nm_pattern(t)  # preferred when it fits: the layout 2:4 kernels consume
+    if nm is not None and compressed_bytes(t, nm) < dense:
+        return compress_matrix(name, t, nm)
+    if compressed_bytes(t, None) < dense:
+        return compress_matrix(name, t, None)
+    return {name: t}
+
+
+def compressed_names(names) -> dict[str, dict[str, str]]:
+    """``{weight name: {suffix: stored name}}`` for every compressed weight
+    among the stored ``names`` (a weight is known by its ``_shape`` entry)."""
+    names = set(names)
+    out = {}
+    for n in names:
+        if n.endswith(SHAPE):
+            base = n[: -len(SHAPE)]
+            out[base] = {s: base + s for s in SUFFIXES if base + s in names}
+    return out
+
+
+def is_compressed(folder: str | os.PathLike) -> bool:
+    """True for a folder written by :func:`compress_weights` (its config says so)."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except ValueError:
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
