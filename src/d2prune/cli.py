@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
     add_method_flags(p)
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                   help="per-block sparsity: uniform, or owl (blocks with more outlier Wanda scores pruned less, "
+                        "overall sparsity kept; unstructured only)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier = score above M x the block's mean (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL: block sparsities within [p - lambda, p + lambda] (default 0.08)")
     add_data_flags(p)
     add_zeroshot_flags(p, with_switch=True)
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
@@ -262,7 +268,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
         raise
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
-                         fast=args.fast)
+                         fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval)

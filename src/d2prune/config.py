@@ -332,6 +332,9 @@ def _coerce(text: str) -> Any:
 
 
 # --------------------------------------------------------------------------- run
+ALLOCATIONS = ("uniform", "owl")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to do to the model (serialised into d2prune.json); the calibration
@@ -352,6 +355,9 @@ class PruneConfig:
     layer_error: bool = True  # compute ||WX - W'X||^2 / ||WX||^2 per layer (needs X^T X)
     share_inputs: bool = True  # one Hessian / Cholesky per distinct input (q/k/v, gate/up), not per Linear
     fast: bool = False  # several samples per block forward: faster, not bit-identical to the references
+    allocation: str = "uniform"  # per-block sparsity: uniform, or owl (outlier-weighted, docs/method.md §8)
+    owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the block's mean score
+    owl_lambda: float = 0.08  # OWL: block sparsities within [p - owl_lambda, p + owl_lambda]
 
     def __post_init__(self) -> None:
         method = self.method
@@ -361,6 +367,16 @@ class PruneConfig:
             raise D2PruneError(f"method must be a method name or a MethodConfig, not {type(method).__name__}")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
+        if self.allocation not in ALLOCATIONS:
+            raise D2PruneError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "owl":
+            if self.sparsity.is_nm:
+                raise D2PruneError(f"--allocation owl gives each block its own unstructured sparsity; N:M "
+                                   f"({self.sparsity}) is one fixed pattern: use an unstructured --sparsity such as 0.7")
+            if not 0 < self.owl_lambda < 1:
+                raise D2PruneError(f"--owl-lambda {self.owl_lambda} must be in (0, 1) (the paper uses 0.08)")
+            if not self.owl_m > 0:
+                raise D2PruneError(f"--owl-m {self.owl_m} must be > 0 (the paper uses 5)")
 
 
 def to_dict(obj: Any) -> Any:

@@ -147,7 +147,6 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
         source = BlockSource(blocks, compute_dtype_for(device, next(model.parameters()).dtype))
     validate_pattern(model, sparsity, config.method.column_block)
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
-    search = find_search(method) if sparsity.ratio > 0 else None
     if config.method.whole_model_bytes_per_weight and any(p.is_meta for p in blocks[0].parameters()):
         weights = sum(p.numel() for b in blocks.layers for p in b.parameters())
         raise D2PruneError(
@@ -157,7 +156,18 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     model.eval()
     method.prepare(model, calibration, device)
     run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work)
+    allocation = None
+    if config.allocation == "owl" and sparsity.ratio > 0:
+        # one dense pass before any block is pruned (a resumed run recomputes it from the dense
+        # model, before its finished blocks are restored: the same allocation, deterministically)
+        from .allocation import owl_allocation
+
+        allocation = owl_allocation(run, sparsity, config.owl_m, config.owl_lambda)
+        method.block_sparsity = {i: allocation.sparsity(i) for i in range(len(blocks))}
+    search = find_search(method) if sparsity.ratio > 0 else None  # after the allocation: candidates copy it
     outcome = search.run(run) if search is not None else prune_blocks(run, method, sparsity)
+    if allocation is not None:
+        outcome.summary["allocation"] = allocation.to_dict()
     return PruneReport(config=to_dict(config), layers=outcome.layers, seconds=time.perf_counter() - t_start,
                        calib_forward_seconds=outcome.calib_seconds, method=outcome.summary,
                        resumed_from=outcome.resumed_from)

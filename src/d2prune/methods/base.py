@@ -76,6 +76,11 @@ class Method:
     def __init__(self, config: MethodConfig, sparsity: Sparsity):
         self.config = config
         self.sparsity = sparsity
+        self.block_sparsity: dict[int, Sparsity] = {}  # a per-block allocation (OWL), else the run's sparsity
+
+    def sparsity_at(self, block_index: int) -> Sparsity:
+        """The sparsity of block ``block_index`` (the run's, unless allocated per block)."""
+        return self.block_sparsity.get(block_index, self.sparsity)
 
     def prepare(self, model: nn.Module, calibration: Tensor, device: torch.device) -> None:
         """A whole-model pass before the block loop (Pruner-Zero's gradients)."""
@@ -86,7 +91,7 @@ class Method:
 
     def layer(self, name: str, module: nn.Module, block_index: int) -> LayerPruner:
         """The wrapper pruning ``module`` (qualified ``name``) of block ``block_index``."""
-        return self.layer_type(name, self.sparsity, self.config)
+        return self.layer_type(name, self.sparsity_at(block_index), self.config)
 
     def summary(self) -> dict:
         """Extra facts for d2prune.json (choices made during the run)."""

@@ -269,6 +269,7 @@ class D2Prune(Method):
     def with_frozen(self, frozen: str) -> "D2Prune":
         m = D2Prune(replace(self.config, frozen=frozen), self.sparsity)
         m.model_config = self.model_config
+        m.block_sparsity = self.block_sparsity
         return m
 
     def begin_block(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> None:
@@ -296,7 +297,7 @@ class D2Prune(Method):
 
     def layer(self, name, module, block_index):
         frozen = self.block_frozen.get(block_index, self.config.frozen_set or ())
-        cfg, sp = self.config, self.sparsity
+        cfg, sp = self.config, self.sparsity_at(block_index)
         parts = qkv_parts(name, module, self.model_config) if frozen else None
         if not parts or not any(role in frozen for role, _ in parts):
             return D2SparseGPTLayer(name, sp, cfg)

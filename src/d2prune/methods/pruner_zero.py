@@ -111,4 +111,4 @@ class PrunerZero(Method):
                 self.G = gradient_norms(model, calibration, device)
 
     def layer(self, name, module, block_index):
-        return PrunerZeroLayer(name, self.sparsity, self.G.pop(name))
+        return PrunerZeroLayer(name, self.sparsity_at(block_index), self.G.pop(name))

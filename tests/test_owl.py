@@ -1,0 +1,130 @@
+"""OWL per-block sparsity (issue 9 item 3): the allocation rule, the outlier
+ratios against the model's own forward, every method honouring it, and the
+errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import C4, STORIES, WIKI
+from d2prune import PruneConfig, find_blocks, find_prunable, prune
+from d2prune.allocation import outlier_ratio, owl_sparsities
+from d2prune.cli import main
+from d2prune.config import parse_method_spec
+from d2prune.errors import D2PruneError
+from d2prune.modeling import weight_matrix
+
+
+def test_owl_sparsities_rule():
+    ratios = [0.02, 0.03, 0.01, 0.015, 0.05]
+    weights = [100, 100, 100, 100, 100]
+    s = owl_sparsities(ratios, weights, 0.7, 0.08)
+    assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-12)
+    assert all(0.62 - 1e-12 <= v <= 0.78 + 1e-12 for v in s)
+    order = sorted(range(5), key=lambda i: ratios[i])
+    assert all(s[order[k]] > s[order[k + 1]] for k in range(4))  # more outliers, pruned less
+    # unequal block sizes: the weight-weighted mean is the target
+    w = [10, 300, 50, 200, 40]
+    s2 = owl_sparsities(ratios, w, 0.6, 0.1)
+    assert sum(a * b for a, b in zip(s2, w)) / sum(w) == pytest.approx(0.6, abs=1e-12)
+    assert all(0.5 - 1e-12 <= v <= 0.7 + 1e-12 for v in s2)
+    # no differences between blocks: uniform
+    assert owl_sparsities([0.01] * 4, [1] * 4, 0.5, 0.08) == pytest.approx([0.5] * 4)
+
+
+def test_outlier_ratio_textbook():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(7, 9, generator=g) ** 4, torch.rand(3, 20, generator=g) ** 4]
+    flat = torch.cat([s.flatten() for s in scores]).double()
+    want = float((flat > 5 * flat.mean()).double().mean())
+    assert outlier_ratio(scores, 5.0) == pytest.approx(want, abs=1e-12) and want > 0
+
+
+needs_stories = pytest.mark.skipif(not STORIES.is_dir() or not C4.is_file(), reason="../shared is not available")
+
+
+@pytest.fixture(scope="module")
+def calib(stories_calib):
+    return stories_calib[:8, :64]
+
+
+def _own_forward_ratios(model, calib, m: float) -> list[float]:
+    """OWL's outlier ratio per block from the model's own dense forward: hooks
+    catch every block Linear's input, Wanda's score is built by hand."""
+    blocks = find_blocks(model)
+    sq, hooks = {}, []
+    for i, b in enumerate(blocks.layers):
+        for n, lin in find_prunable(b).items():
+            def hook(mod, inp, out, key=(i, n)):
+                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+                sq[key] = sq.get(key, 0) + (x * x).sum(0)
+            hooks.append(lin.register_forward_hook(hook))
+    with torch.no_grad():
+        for row in calib:
+            model(row[None])
+    for h in hooks:
+        h.remove()
+    out = []
+    for i, b in enumerate(blocks.layers):
+        scores = [weight_matrix(lin).double().abs() * sq[(i, n)].sqrt()[None] for n, lin in find_prunable(b).items()]
+        flat = torch.cat([s.flatten() for s in scores])
+        out.append(float((flat > m * flat.mean()).double().mean()))
+    return out
+
+
+@needs_stories
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "d2prune:frozen=k", "magnitude"])
+def test_owl_prune_follows_allocation(stories, calib, method):
+    model = copy.deepcopy(stories[0])
+    dense = copy.deepcopy(model)
+    report = prune(model, PruneConfig(method=parse_method_spec(method), sparsity=0.7, allocation="owl", device="cpu"),
+                   calib)
+    alloc = report.method["allocation"]
+    s = alloc["block_sparsity"]
+    assert len(set(s)) == len(s) == 5  # every block its own sparsity
+    w = alloc["block_weights"]
+    assert sum(a * b for a, b in zip(s, w)) / sum(w) == pytest.approx(0.7, abs=1e-5)
+    assert max(s) <= 0.78 + 1e-6 and min(s) >= 0.62 - 1e-6
+    # the ratios are the dense model's (engine pass == the model's own forward), whatever the method
+    assert alloc["outlier_ratio"] == pytest.approx(_own_forward_ratios(dense, calib, 5.0), abs=1e-6)
+    # each block was pruned at its own sparsity (granularity: whole weights per row / matrix / 128-column block)
+    blocks = find_blocks(model)
+    for i, b in enumerate(blocks.layers):
+        lins = find_prunable(b).values()
+        got = sum(int((weight_matrix(x) == 0).sum()) for x in lins) / sum(weight_matrix(x).numel() for x in lins)
+        assert got == pytest.approx(s[i], abs=0.02), (i, got, s[i])
+    assert report.sparsity == pytest.approx(0.7, abs=0.015)
+
+
+@needs_stories
+def test_owl_with_auto_search_and_cli_record(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["-q", "prune", "--model", str(STORIES), "--method", "d2prune", "--frozen", "auto", "--sparsity", "0.6",
+                 "--allocation", "owl", "--owl-lambda", "0.05", "--nsamples", "8", "--seqlen", "64",
+                 "--heldout-windows", "2", "--calib-file", str(C4), "--eval-file", str(WIKI), "--eval-windows", "2",
+                 "--out", str(out)]) == 0
+    rec = json.loads((out / "d2prune.json").read_text())
+    alloc = rec["method_summary"]["allocation"]
+    assert alloc["kind"] == "owl" and alloc["owl_lambda"] == 0.05 and len(set(alloc["block_sparsity"])) == 5
+    per_block: dict[int, list] = {}
+    for row in rec["layers"]:
+        per_block.setdefault(int(row["name"].split(".")[2]), []).append(row["sparsity"])
+    assert len(per_block) == 5
+    for i, rows in per_block.items():  # recorded per layer, near the block's allocation
+        assert max(abs(r - alloc["block_sparsity"][i]) for r in rows) < 0.03
+
+
+def test_owl_refuses_nm_and_bad_options(capsys):
+    with pytest.raises(D2PruneError, match="N:M"):
+        PruneConfig(method="wanda", sparsity="2:4", allocation="owl")
+    with pytest.raises(D2PruneError, match="owl-lambda"):
+        PruneConfig(method="wanda", sparsity=0.5, allocation="owl", owl_lambda=1.5)
+    with pytest.raises(D2PruneError, match="unknown allocation"):
+        PruneConfig(method="wanda", sparsity=0.5, allocation="best")
+    assert main(["prune", "--model", str(STORIES), "--sparsity", "2:4", "--allocation", "owl", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "N:M" in err
