@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", default="128,2048")
     p.add_argument("--min-run-time", type=float, default=0.1, help="seconds per figure (default 0.1)")
     p.add_argument("--cutlass", action="store_true",
-                   help="set SparseSemiStructuredTensor._FORCE_CUTLASS (CUTLASS kernels instead of cuSPARSELt)")
+                   help="set SparseSemiStructuredTensor._FORCE_CUTLASS (CUTLASS kernels instead of cuSPARSELt; "
+                        "torch builds them for sm 8.x only, so not on an H100)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="append the tables to this file")
     args = p.parse_args(argv)

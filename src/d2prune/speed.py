@@ -6,8 +6,9 @@ Two honest measurements, chosen by the hardware (``--device auto``):
   tensor cores): every 2:4 Linear of the decoder blocks gets its weight swapped
   for ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS when
   cuSPARSELt is missing or ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is
-  set); the logits are checked against the dense model, then per-shape GEMM
-  time, prefill tokens/s and KV-cache decode tokens/s are timed dense vs 2:4.
+  set; torch's CUTLASS kernels run on sm 8.x only); the logits are checked
+  against the dense model, then per-shape GEMM time, prefill tokens/s and
+  KV-cache decode tokens/s are timed dense vs 2:4.
 * **Unstructured sparsity on a CPU**: ``torch.sparse.mm`` with CSR (and BSR)
   weights against the dense GEMM, for every block-Linear shape of the model at
   several sparsities (random weights with exactly that many zeros) and for the
@@ -480,6 +481,13 @@ def _backend() -> Iterator[type]:
     from torch.sparse import SparseSemiStructuredTensor
 
     cls = semi_structured_class()
+    if cls.BACKEND == "cutlass" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 8:
+        # torch's CUTLASS 2:4 kernels are built for sm8x only ("Supported only on GPUs with compute
+        # capability 8.x", seen on an H100): newer GPUs need cuSPARSELt
+        why = ("SparseSemiStructuredTensor._FORCE_CUTLASS is set" if SparseSemiStructuredTensor._FORCE_CUTLASS
+               else "this torch has no cuSPARSELt")
+        raise D2PruneError(f"2:4 on {torch.cuda.get_device_name()} (sm {'%d.%d' % torch.cuda.get_device_capability()}) "
+                           f"needs cuSPARSELt, but {why}: torch's CUTLASS 2:4 kernels run on sm 8.x only")
     saved = SparseSemiStructuredTensor._FORCE_CUTLASS
     SparseSemiStructuredTensor._FORCE_CUTLASS = cls.BACKEND == "cutlass"
     try:
@@ -584,7 +592,6 @@ def cuda_gemm_rows(weights: dict[tuple[int, int], tuple[list[str], Tensor]], tok
                 rows.append(row)
                 log.info("GEMM %dx%d, %d tokens: dense %.1f us, 2:4 %s us", d_out, d_in, t, row["dense_us"],
                          _f(row["sparse_us"]))
-                del x
     return rows
 
 
@@ -627,7 +634,6 @@ def time_model(model: nn.Module, batch: int, seqlen: int, timing: TimingConfig, 
             _rewind(cache, seqlen)
 
         decode = time_call(step, timing)
-        del cache
     return {"batch": batch, "seqlen": seqlen, "prefill_s": prefill.median_s, "prefill_tok_s": batch * seqlen / prefill.median_s,
             "decode_step_s": decode.median_s, "decode_tok_s": batch / decode.median_s}
 
@@ -649,6 +655,8 @@ def measure_cuda(model: nn.Module, batches: Sequence[int] = DEFAULT_BATCHES, seq
                            "or bfloat16")
     layers = block_linears(model)
     check_2to4(layers)  # before any timing: a model that is not 2:4 fails in seconds
+    with _backend():  # so does a backend this GPU cannot run
+        pass
     n_pos = getattr(model.config, "max_position_embeddings", None)
     if n_pos and max(seqlens) + 1 > n_pos:
         raise D2PruneError(f"--seqlen {max(seqlens)} (+1 decode step) exceeds the model's context of {n_pos} tokens")
@@ -807,7 +815,8 @@ def main(args: argparse.Namespace) -> int:
         tables = cuda_tables(res)
         notes = [f"2:4 backend: {res['backend']}; {res['layers_swapped']} block Linears semi-structured, "
                  f"{len(res['kept_dense'])} kept dense; {res['dtype']}; GEMM times are medians in microseconds, "
-                 "x = dense time / 2:4 time; prefill and decode compute the last position's logits only" + "".join(f"\n- {n}: {w}" for n, w in res["kept_dense"].items())]
+                 "x = dense time / 2:4 time; prefill and decode compute the last position's logits only"
+                 + "".join(f"\n- {n}: {w}" for n, w in res["kept_dense"].items())]
     else:
         sparsities = _numbers(args.sparsities, "--sparsities", float, 0.0, 1.0)
         tokens = _numbers(args.tokens, "--tokens", int, 1)
