@@ -138,12 +138,15 @@ def test_pruned_stories_compressed_loads_back_identical(tmp_path, capsys, sparsi
 
     ref = AutoModelForCausalLM.from_pretrained(str(dense))
     got = AutoModelForCausalLM.from_pretrained(str(comp))
-    assert not hasattr(got.config, "quantization_config")  # a plain dense model: saving it again is honest
-    sd_ref, sd_got = ref.state_dict(), got.state_dict()
-    assert sd_ref.keys() == sd_got.keys() and all(_bits_equal(sd_ref[k], sd_got[k]) for k in sd_ref)
+    own = d2prune.from_pretrained(comp)  # the loader that needs no transformers quantizer
     ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(ref(ids).logits, got(ids).logits)
+    sd_ref = ref.state_dict()
+    for m in (got, own):
+        assert not hasattr(m.config, "quantization_config")  # a plain dense model: saving it again is honest
+        sd_got = m.state_dict()
+        assert sd_ref.keys() == sd_got.keys() and all(_bits_equal(sd_ref[k], sd_got[k]) for k in sd_ref)
+        with torch.no_grad():
+            assert torch.equal(ref(ids).logits, m(ids).logits)
 
     ppl = {}
     for tag, folder in (("dense", dense), ("comp", comp)):
@@ -224,3 +227,22 @@ def test_smollm2_24_bf16_compressed(tmp_path):
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, got(ids).logits)
+
+
+@needs_stories
+def test_old_transformers_refuses_instead_of_loading_random_weights(tmp_path, monkeypatch):
+    """A transformers without working load operations must not hand back a
+    model whose compressed weights were never filled in: it refuses, naming
+    d2prune.from_pretrained, which still loads the folder exactly."""
+    from transformers import AutoModelForCausalLM
+
+    import d2prune
+    from d2prune import _hf_quantizer
+
+    dense = _prune(tmp_path, str(STORIES), "0.5", "dense")
+    assert main(["-q", "compress", str(dense), str(tmp_path / "comp")]) == 0
+    monkeypatch.setattr(_hf_quantizer, "_version", lambda: (5, 17))
+    with pytest.raises(ValueError, match="d2prune.from_pretrained"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "comp"))
+    ref, own = AutoModelForCausalLM.from_pretrained(str(dense)).state_dict(), d2prune.from_pretrained(tmp_path / "comp").state_dict()
+    assert all(_bits_equal(ref[k], own[k]) for k in ref)

@@ -23,6 +23,19 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .sparse_format import FORMAT, QUANT_METHOD, SUFFIXES, VERSION, decompress_matrix
 
+# The quantizer relies on transformers' load operations ("dequantize" ops that
+# receive a module's serialized tensors), checked to decompress correctly on
+# 5.24. On an older 5.x (5.17 was seen loading the model with its compressed
+# weights left at their random initialisation) it refuses instead.
+MIN_TRANSFORMERS = (5, 24)
+
+
+def _version() -> tuple[int, int]:
+    import transformers
+
+    parts = transformers.__version__.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
 
 class D2PruneSparseConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config`` of a compressed folder."""
@@ -64,6 +77,15 @@ class D2PruneSparseQuantizer(HfQuantizer):
 
     def get_load_operations(self) -> dict:
         return {"dequantize": Decompress}
+
+    def validate_environment(self, *args, **kwargs):
+        if _version() < MIN_TRANSFORMERS:
+            import transformers
+
+            raise ValueError(
+                f"transformers {transformers.__version__} cannot decompress d2prune-sparse weights inside "
+                f"from_pretrained (needs >= {'.'.join(map(str, MIN_TRANSFORMERS))}): load the folder with "
+                "d2prune.from_pretrained(folder), or upgrade transformers")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         return model  # the model stays dense: the dequantize operation runs on every stored weight

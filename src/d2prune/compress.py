@@ -232,16 +232,41 @@ def compress_folder(src: str | os.PathLike, out: str | os.PathLike, overwrite: b
 
 def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
                     device: str | torch.device | None = None):
-    """Load a compressed folder as an ordinary dense ``transformers`` model
-    (weights decompressed one tensor at a time). Equivalent to
-    ``AutoModelForCausalLM.from_pretrained(folder)`` after ``import d2prune``."""
-    from transformers import AutoModelForCausalLM
+    """Load a compressed folder as an ordinary dense ``transformers`` model,
+    without transformers' quantizer machinery (so with any transformers 5.x):
+    the skeleton is built on the meta device and every weight is read - and
+    decompressed - one tensor at a time (:class:`~d2prune.streaming.CompressedReader`).
+    The same weights as ``AutoModelForCausalLM.from_pretrained(folder)`` after
+    ``import d2prune`` (tested)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    register_with_transformers()
-    kwargs = {"dtype": dtype, "trust_remote_code": False}
-    if device is not None:
-        kwargs["device_map"] = str(device)
-    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    from .streaming import CompressedReader, tied_parameters
+
+    folder = Path(folder)
+    if not is_compressed(folder):
+        raise D2PruneError(f"{folder} is not a d2prune-sparse folder (its config.json names no "
+                           f"quantization_config.quant_method = {QUANT_METHOD}): load it with from_pretrained directly")
+    reader = CompressedReader(folder)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    del config.quantization_config
+    want = reader.storage_dtype() if dtype in (None, "auto") else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=want)
+    tied = tied_parameters(model)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in tied]
+    missing = [n for n in names if n not in reader]
+    if missing:
+        raise D2PruneError(f"{folder}: the checkpoint has no tensor {missing[0]} that {type(model).__name__} needs")
+    state = {n: t.to(want) if t.is_floating_point() else t for n, t in reader.get_many(names).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    if tied:
+        model.tie_weights()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.eval()
+    return model.to(device) if device is not None else model
 
 
 # --------------------------------------------------------------------------- transformers integration
