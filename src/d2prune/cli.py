@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_speed_arguments(sub.add_parser("speed", help="dense vs sparse inference speed (2:4 on NVIDIA GPUs, "
                                                      "unstructured on CPU)"))
+    from .finetune import add_arguments as add_finetune_arguments
+
+    add_finetune_arguments(sub.add_parser("finetune", help="LoRA recovery fine-tuning of a pruned model on C4, merged "
+                                                           "with the pruned zeros kept"))
     for subparser in sub.choices.values():  # -q / -v after the subcommand too (SUPPRESS: absent = the global value)
         add_verbosity_flags(subparser, default=argparse.SUPPRESS)
     return parser
@@ -420,6 +424,10 @@ def _main(argv: list[str] | None) -> int:
             from .speed import main as speed_main
 
             return speed_main(args)
+        if args.command == "finetune":
+            from .finetune import main as finetune_main
+
+            return finetune_main(args)
         if args.command == "demo":
             from .demo import main as demo_main
 
