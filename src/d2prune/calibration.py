@@ -295,7 +295,9 @@ class OutputError:
 class PruneRun:
     """Everything a driver over the blocks needs (one prune call).
 
-    ``calibration`` ``[N, L]`` and ``heldout`` ``[H, L]`` (or None) token ids;
+    ``calibration`` ``[N, L]`` and ``heldout`` ``[H, L]`` (or None) token ids,
+    or pixel values ``[N, C, H, W]`` of an image model, whose held-out images
+    come with ``heldout_labels`` ``[H]``;
     ``source``: where the blocks live and the dtype they compute in;
     ``work``: the resume folder of an interruptible run, or None."""
 
@@ -307,6 +309,7 @@ class PruneRun:
     device: torch.device
     options: CalibrationOptions
     work: WorkFolder | None = None
+    heldout_labels: Tensor | None = None
 
 
 @dataclass

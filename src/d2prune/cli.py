@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-lambda", type=float, default=0.08,
                    help="OWL: block sparsities within [p - lambda, p + lambda] (default 0.08)")
     add_data_flags(p)
+    i = p.add_argument_group("images (ViT, DeiT and other image classifiers)")
+    i.add_argument("--calib-images", default=None,
+                   help="calibration images: an ImageFolder tree DIR/<class>/<image> (--nsamples drawn with --seed; "
+                        "--frozen auto scores on --heldout-windows more)")
+    i.add_argument("--eval-images", default=None,
+                   help="evaluation images (ImageFolder tree): top-1 / top-5 accuracy (--eval-windows N: first N)")
     add_zeroshot_flags(p, with_switch=True)
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -178,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-file", default=None)
     e.add_argument("--seqlen", type=_seqlen, default=None)
     e.add_argument("--eval-windows", type=_int_or_none, default=None)
+    e.add_argument("--eval-images", default=None,
+                   help="an image classifier's top-1 / top-5 accuracy on this ImageFolder tree (alone: accuracy only)")
     e.add_argument("--output", default=None, help="write the results as JSON here")
 
     w = sub.add_parser("sweep", help="grid of methods x sparsities (x models): resumable, CSV + markdown + plots")
@@ -203,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pruned", required=True, help="a d2prune output folder (or any model of the same architecture)")
     g.add_argument("--eval-file", default=None, help="WikiText-2 test .jsonl (default: the hub)")
     g.add_argument("--seqlen", type=int, default=None)
-    g.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
+    g.add_argument("--windows", type=int, default=8, help="number of windows / images (default 8)")
+    g.add_argument("--images", default=None,
+                   help="image classifiers: an ImageFolder tree (default: the pruned folder's --eval-images)")
     g.add_argument("--device", default=None)
     g.add_argument("--plot", default=None, help="PNG path (default PRUNED/attention.png)")
     g.add_argument("--json", default=None, help="JSON path (default PRUNED/attention.json)")
@@ -275,7 +285,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
-                      heldout_windows=args.heldout_windows, evaluate=not args.no_eval)
+                      heldout_windows=args.heldout_windows, evaluate=not args.no_eval,
+                      calib_images=args.calib_images, eval_images=args.eval_images)
     zs = zeroshot_options(args) if args.zero_shot else None
     record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs, stream=args.stream,
                  restart=args.restart, offload=args.offload_activations, save_format=args.save_format)
@@ -285,7 +296,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2, default=str))
     else:
         ev = record["evaluation"]
-        ppl = "  ".join(f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
+        ppl = "  ".join(f"{k} top-1 {v['top1']:.4f} ({v['images']}/{v['total_images']} images)" if "top1" in v else
+                        f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
         zs_text = f"  zero-shot mean {record['zero_shot']['mean']:.4f}" if record.get("zero_shot") else ""
         print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}{zs_text}  "
               f"prune {record['prune_seconds']:.1f}s" + (f"  -> {args.out}" if args.out else ""))
@@ -318,9 +330,10 @@ def eval_wants_zero_shot(args: argparse.Namespace) -> bool:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_model
 
-    zs_options = zeroshot_options(args) if eval_wants_zero_shot(args) else None
+    zs_options = zeroshot_options(args) if eval_wants_zero_shot(args) and args.eval_images is None else None
     res = evaluate_model(args.model, zs_options, args.dtype, args.device, ppl=args.ppl,
-                         eval_file=args.eval_file, seqlen=args.seqlen, eval_windows=args.eval_windows)
+                         eval_file=args.eval_file, seqlen=args.seqlen, eval_windows=args.eval_windows,
+                         eval_images=args.eval_images)
     text = json.dumps(res, indent=2, default=str)
     if args.output:
         with open(args.output, "w") as f:
@@ -330,6 +343,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{t:<14} {r['metric']:<8} {r['value']:.4f}")
     if zs:
         print(f"{'mean':<14} {'':<8} {zs['mean']:.4f}   (limit {zs['limit']})")
+    if "images" in res:
+        r = res["images"]
+        top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else ""
+        print(f"top-1 {r['top1']:.4f}{top5}  ({r['images']}/{r['total_images']} images)")
     if "ppl" in res:
         print(f"wikitext2 ppl {res['ppl']['ppl']:.3f} ({res['ppl']['windows']}/{res['ppl']['total_windows']} windows)")
     return 0
@@ -413,7 +430,7 @@ def _main(argv: list[str] | None) -> int:
             from .pipeline import diagnose
 
             print(diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot,
-                           args.json)["table"])
+                           args.json, args.images)["table"])
             return 0
         if args.command == "compress":
             from .compress import compress_folder

@@ -89,6 +89,16 @@ def _hidden_of(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
     return kwargs.pop("hidden_states"), (), kwargs
 
 
+def model_forward(model: nn.Module, x: Tensor):
+    """The whole model on one batch of its main input: token ids for a causal
+    LM (without a KV cache: every window is scored on its own), pixel values
+    for an image classifier (``model.main_input_name`` says which)."""
+    kwargs: dict[str, Any] = {getattr(model, "main_input_name", "input_ids"): x}
+    if getattr(model.config, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return model(**kwargs)
+
+
 # --------------------------------------------------------------------------- capture
 @dataclass
 class BlockCall:
@@ -140,8 +150,9 @@ def _store(obj: Any, prev: Any, memo: dict, device: torch.device) -> Any:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.device,
                          blocks: Blocks | None = None, source: "BlockSource | None" = None) -> BlockInputs:
-    """Run ``input_ids`` (``[N, L]``, one sample per forward, as the references
-    do) through the model with stubbed blocks; return every block's inputs."""
+    """Run ``input_ids`` (``[N, L]`` token ids, or ``[N, C, H, W]`` pixel values
+    of an image model; one sample per forward, as the references do) through
+    the model with stubbed blocks; return every block's inputs."""
     blocks = blocks or find_blocks(model)
     source = source or BlockSource(blocks)
     store = source.activations
@@ -170,7 +181,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, device: torch.devi
             for j in range(nsamples):
                 state["j"], state["memo"] = j, {}
                 try:
-                    model(input_ids[j:j + 1].to(device), use_cache=False)
+                    model_forward(model, input_ids[j:j + 1].to(device))
                 except _StopForward:
                     pass
                 else:  # pragma: no cover - only if a model skips its last block
@@ -500,7 +511,7 @@ def run_head(model: nn.Module, input_ids: Tensor, final_hidden: Tensor, device: 
     with _stubbed(model, blocks, handler, device, source):
         for j in range(input_ids.shape[0]):
             state["j"] = j
-            consume(j, model(input_ids[j:j + 1].to(device), use_cache=False).logits)
+            consume(j, model_forward(model, input_ids[j:j + 1].to(device)).logits)
 
 
 @torch.no_grad()

@@ -91,11 +91,45 @@ def _classify(model: str | None) -> ModelSource:
 def resolve_source(model: str | None) -> ModelSource:
     """Classify ``--model`` (None = the default, a ``.gguf`` file, a folder, or
     a hub id) and refuse, from its config alone, a model d2prune must not load:
-    one that needs its own Python code or is not a causal decoder. Every way
-    of loading a model (in memory, streamed) starts here, before any weight is read."""
+    one that needs its own Python code, or is neither a causal decoder nor an
+    image classifier. Every way of loading a model (in memory, streamed)
+    starts here, before any weight is read."""
     src = _classify(model)
-    check_causal_decoder(src)
+    if image_classifier_class(src) is None:
+        check_causal_decoder(src)
     return src
+
+
+IMAGE_CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
+
+
+def image_classifier_class(src: ModelSource) -> str | None:
+    """The transformers class of an image classifier (ViT, DeiT with its
+    distillation head, ...), or None for any other model. The class named in
+    the checkpoint's ``architectures`` wins over the Auto mapping's first
+    choice: a DeiT checkpoint trained with a distillation token must keep its
+    ``...WithTeacher`` head (the average of both classifiers)."""
+    if src.gguf_file:
+        return None
+    config = read_config(src)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    mapped = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    if mapped is None:
+        return None
+    mapped = (mapped,) if isinstance(mapped, str) else tuple(mapped)
+    listed = list(getattr(config, "architectures", None) or [])
+    for a in listed:
+        if a in mapped:
+            return a
+    if listed and not any(a.endswith(IMAGE_CLASSIFIER_SUFFIXES) for a in listed):
+        return None  # a bare backbone or another head: not a classifier d2prune can evaluate
+    return mapped[0]
+
+
+def is_image_model(model: nn.Module) -> bool:
+    """A model whose input is pixels (``main_input_name`` is ``pixel_values``)."""
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
 
 
 def _load_error(src: ModelSource, e: BaseException) -> D2PruneError:
@@ -205,6 +239,8 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | str:
 
 def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto"):
     """Load ``(model, tokenizer, source)`` for a hub id, HF folder or ``.gguf``.
+    An image classifier (ViT, DeiT...) comes with its image processor in the
+    tokenizer's place.
 
     A GGUF file is de-quantised to float by transformers; we then drop the
     "gguf" quantizer marker so the model saves with ``save_pretrained`` like
@@ -212,20 +248,27 @@ def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto
 
     >>> model, tok, src = load_model("../shared/models/stories260K")  # doctest: +SKIP
     """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(model)
     kw: dict = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    vision = image_classifier_class(src)
+    cls = getattr(transformers, vision, transformers.AutoModelForImageClassification) if vision else AutoModelForCausalLM
     try:
-        lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=_dtype(dtype), trust_remote_code=False, **kw)
+        lm = cls.from_pretrained(src.path, dtype=_dtype(dtype), trust_remote_code=False, **kw)
     except D2PruneError:
         raise
     except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
         raise _load_error(src, e) from e
     try:
-        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=False, **kw)
+        if vision:  # the "tokenizer" of an image model: its own image processor (resize, crop, normalise)
+            tok = transformers.AutoImageProcessor.from_pretrained(src.path, trust_remote_code=False)
+        else:
+            tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=False, **kw)
     except Exception as e:
-        raise D2PruneError(f"could not load the tokenizer of {src.describe()}: {type(e).__name__}: {first_line(e)}") from e
+        what = "image processor (preprocessor_config.json)" if vision else "tokenizer"
+        raise D2PruneError(f"could not load the {what} of {src.describe()}: {type(e).__name__}: {first_line(e)}") from e
     if src.gguf_file:
         strip_gguf_quantizer(lm)
     check_finite_weights(lm, src.describe())

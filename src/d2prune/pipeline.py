@@ -17,7 +17,8 @@ from .config import PruneConfig, to_dict
 from .data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
 from .errors import D2PruneError
 from .evaluate import PerplexityResult, perplexity
-from .modeling import check_seqlen, default_seqlen, load_model, pick_device
+from .modeling import (check_seqlen, default_seqlen, image_classifier_class, is_image_model, load_model, pick_device,
+                       resolve_source)
 from .pruning import PruneReport, prune
 from . import distributed
 from .budget import auto_offload, check_fits, estimate
@@ -46,6 +47,8 @@ class DataConfig:
     eval_windows: int | None = None
     heldout_windows: int = 16
     evaluate: bool = True
+    calib_images: str | None = None  # image classifiers: ImageFolder trees instead of text
+    eval_images: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.nsamples, int) and self.nsamples > 0):
@@ -131,20 +134,40 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         from .zeroshot import check_zero_shot
 
         check_zero_shot(**zero_shot)
-    texts = eval_texts(data) if data.evaluate else {}
-    docs = calibration_texts(data.calib_file)  # every data file is read (and validated) before the model loads
+    images = data.calib_images is not None
+    if not images and image_classifier_class(resolve_source(model_name)):  # before any text is read
+        raise D2PruneError(f"{model_name} is an image classifier: calibrate it on images with --calib-images DIR")
+    if images:  # an image classifier: ImageFolder trees, listed (and checked) before the model loads
+        folders = _image_folders(data, zero_shot)
+        texts, docs = {}, []
+    else:
+        texts = eval_texts(data) if data.evaluate else {}
+        docs = calibration_texts(data.calib_file)  # every data file is read (and validated) before the model loads
     if distributed.launched():  # torchrun: this process's device, and the process group joined
         config = replace(config, device=distributed.init(config.device))
     device = pick_device(config.device)
     opened = open_model(model_name, dtype, device, stream)
     model, tokenizer = opened.model, opened.tokenizer
+    if is_image_model(model) != images:
+        raise D2PruneError(f"{opened.description} is an image classifier: calibrate it on images with --calib-images DIR"
+                           if not images else f"--calib-images is for image classifiers; {opened.description} is a "
+                           "language model: calibrate it on text (--calib-file)")
     if zero_shot is not None and opened.streamed:
         raise D2PruneError("zero-shot evaluation needs the whole model in memory: drop --zero-shot (evaluate the "
                            "saved folder with d2prune eval where it fits) or use --stream off")
-    seqlen = seqlen_for(model, data.seqlen)
-    check_seqlen(model, seqlen)
-    windows = eval_window_sets(tokenizer, texts, seqlen)
-    calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), docs)
+    heldout_labels = None
+    if images:
+        from .vision import calibration_images, tokens_per_image
+
+        seqlen, windows = tokens_per_image(model), {}
+        cal = calibration_images(model, tokenizer, folders["calib"], data.nsamples, data.seed,
+                                 data.heldout_windows if needs_heldout(config) else 0)
+        calib, heldout, heldout_labels = cal.pixels, cal.heldout, cal.heldout_labels
+    else:
+        seqlen = seqlen_for(model, data.seqlen)
+        check_seqlen(model, seqlen)
+        windows = eval_window_sets(tokenizer, texts, seqlen)
+        calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), docs)
     samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
     hessian = config.method.uses_hessian
     deltas = config.layer_error and not hessian  # the per-layer error keeps W - W' for the propagation pass
@@ -172,12 +195,17 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         scratch = (work.ensure() if work.writer else Path(tempfile.mkdtemp(prefix="d2prune-act-"))) / "activations"
         opened.source.activations = ActivationStore(offload, scratch if offload == "disk" else None)
     calib, heldout = distributed.shard(calib), distributed.shard(heldout)  # torchrun: this process's samples
+    heldout_labels = distributed.shard(heldout_labels)
     try:
-        report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work)
+        report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work,
+                                    heldout_labels=heldout_labels)
         if not distributed.is_main():  # rank 0 evaluates and saves; the others are done
             return {"rank": distributed.rank(), "sparsity": report.sparsity}
-        results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, source=opened.source,
-                               windows=windows) if data.evaluate else {}
+        if images:
+            results = _evaluate_images(model, tokenizer, folders.get("eval"), data, config.device, opened.source)
+        else:
+            results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, source=opened.source,
+                                   windows=windows) if data.evaluate else {}
         zs = None
         if zero_shot is not None:
             from .zeroshot import evaluate_zero_shot
@@ -206,6 +234,30 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     if work is not None:
         work.remove()
     return record
+
+
+def _image_folders(data: DataConfig, zero_shot: dict | None) -> dict:
+    """The calibration (and evaluation) ImageFolder trees of an image classifier."""
+    from .vision import image_folder
+
+    given = [f for f, v in (("--calib-file", data.calib_file), ("--eval-file", data.eval_file),
+                            ("--c4-eval-file", data.c4_eval_file), ("--seqlen", data.seqlen)) if v is not None]
+    if given or zero_shot is not None:
+        raise D2PruneError(f"{', '.join(given) or '--zero-shot'} is for language models; an image classifier "
+                           "takes --calib-images and --eval-images")
+    folders = {"calib": image_folder(data.calib_images, "--calib-images")}
+    if data.evaluate and data.eval_images:
+        folders["eval"] = image_folder(data.eval_images, "--eval-images")
+    elif data.evaluate:
+        log.warning("no --eval-images: the pruned image classifier is not evaluated")
+    return folders
+
+
+def _evaluate_images(model, processor, folder, data: DataConfig, device, source) -> dict:
+    from .vision import evaluate_images
+
+    return {} if folder is None else {"images": evaluate_images(model, processor, folder, data.eval_windows, device,
+                                                                source)}
 
 
 def seqlen_for(model, seqlen: int | str | None) -> int:
@@ -246,13 +298,15 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
 
 def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = "auto", device: str | None = None,
                    ppl: bool = False, eval_file: str | None = None, seqlen: int | str | None = None,
-                   eval_windows: int | None = None) -> dict:
+                   eval_windows: int | None = None, eval_images: str | None = None) -> dict:
     """Zero-shot accuracy (``zero_shot``: :func:`~d2prune.zeroshot.evaluate_zero_shot`
     options; None skips it) and/or WikiText-2 perplexity (``ppl``) of a model or
     pruned folder. Every option and file is checked before the model loads,
     the evaluation text's length right after (before the long zero-shot run)."""
     from .zeroshot import check_zero_shot, evaluate_zero_shot
 
+    if eval_images is not None:
+        return _evaluate_image_model(model_name, eval_images, dtype, device, eval_windows, zero_shot, ppl)
     if zero_shot is None and not ppl:
         raise D2PruneError("nothing to evaluate: ask for zero-shot accuracy and/or --ppl")
     if zero_shot is not None:
@@ -279,11 +333,29 @@ def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = 
     return out
 
 
+def _evaluate_image_model(model_name: str | None, eval_images: str, dtype: str, device: str | None,
+                          eval_windows: int | None, zero_shot: dict | None, ppl: bool) -> dict:
+    """``d2prune eval --eval-images DIR``: an image classifier's accuracy."""
+    from .vision import evaluate_images, image_folder
+
+    if zero_shot is not None or ppl:
+        raise D2PruneError("--eval-images measures an image classifier's accuracy; zero-shot tasks and --ppl are for "
+                           "language models: drop them")
+    folder = image_folder(eval_images, "--eval-images")
+    model, processor, src = load_model(model_name, dtype=resolve_dtype(dtype, device))
+    if not is_image_model(model):
+        raise D2PruneError(f"--eval-images needs an image classifier; {src.describe()} is a language model")
+    return {"model": src.describe(), "versions": library_versions(),
+            "images": asdict(evaluate_images(model, processor, folder, eval_windows, device))}
+
+
 def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = None, seqlen: int | None = None,
              windows: int = 8, device: str | None = None, plot_path: str | None = None,
-             json_path: str | None = None) -> dict:
+             json_path: str | None = None, images: str | None = None) -> dict:
     """Attention KL / RMSE of a pruned folder against its dense model, on the
-    first ``windows`` WikiText-2 windows (not calibration text)."""
+    first ``windows`` WikiText-2 windows (not calibration text); for an image
+    classifier on the first ``windows`` images of ``images`` (an ImageFolder
+    tree; default: the folder the pruned model was evaluated on)."""
     import json
     from pathlib import Path
 
@@ -297,21 +369,47 @@ def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = No
     for p in (plot_path, json_path):
         if not Path(p).absolute().parent.is_dir():
             raise D2PruneError(f"the folder of {p} does not exist: create it or choose another --plot / --json")
-    text_file = text_file or _default_eval_file(folder)
-    text = eval_text("wikitext2", text_file)
+    images = images or _recorded(folder, "eval_images") or _recorded(folder, "calib_images")
+    if images is None:
+        text_file = text_file or _default_eval_file(folder)
+        text = eval_text("wikitext2", text_file)
     dev = pick_device(device)
     dense, tok, src = load_model(dense_name, dtype=resolve_dtype("auto", device))
     pruned, _, psrc = load_model(pruned_dir, dtype=resolve_dtype("auto", device))
-    seqlen = seqlen or default_seqlen(dense)
-    check_seqlen(dense, seqlen)
-    ids = eval_windows(tok, text, seqlen)[:windows]
+    if is_image_model(dense):
+        from .vision import image_folder, pixel_values
+
+        if images is None:
+            raise D2PruneError(f"{src.describe()} is an image classifier: give --images DIR (an ImageFolder tree)")
+        ids = pixel_values(tok, image_folder(images, "--images").paths[:windows])
+        data = {"images": images, "seqlen": None}
+    else:
+        if images is not None and text_file is None:
+            text_file = _default_eval_file(folder)
+        text = eval_text("wikitext2", text_file) if images is not None else text
+        seqlen = seqlen or default_seqlen(dense)
+        check_seqlen(dense, seqlen)
+        ids = eval_windows(tok, text, seqlen)[:windows]
+        data = {"seqlen": seqlen, "eval_file": text_file}
     rows = attention_diff(dense, pruned, ids, dev)
-    result = {"dense": src.describe(), "pruned": psrc.describe(), "windows": int(ids.shape[0]), "seqlen": seqlen,
-              "eval_file": text_file, **summarize(rows), "table": format_table(rows)}
+    result = {"dense": src.describe(), "pruned": psrc.describe(), "windows": int(ids.shape[0]), **data,
+              **summarize(rows), "table": format_table(rows)}
     plot(rows, plot_path, f"{psrc.describe()} vs dense")
     Path(json_path).write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2) + "\n")
     log.info("wrote %s and %s", plot_path, json_path)
     return result
+
+
+def _recorded(pruned_dir, key: str) -> str | None:
+    """A data path from the pruned folder's d2prune.json, if it still exists."""
+    import json
+
+    record = Path(pruned_dir) / RECORD_NAME
+    try:
+        value = json.loads(record.read_text()).get("data", {}).get(key) if record.is_file() else None
+    except (ValueError, AttributeError, OSError):
+        return None
+    return value if value and Path(value).exists() else None
 
 
 def _default_eval_file(pruned_dir) -> str | None:

@@ -26,7 +26,7 @@ from .config import PruneConfig, Sparsity, to_dict
 from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, propagate, sequential
 from .errors import D2PruneError
 from .methods.base import Method, build_method
-from .modeling import compute_dtype_for, find_blocks, find_prunable, in_features, pick_device
+from .modeling import compute_dtype_for, find_blocks, find_prunable, in_features, is_image_model, pick_device
 from .resume import WorkFolder
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,16 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None = None,
-          source: BlockSource | None = None, work: WorkFolder | None = None) -> PruneReport:
+          source: BlockSource | None = None, work: WorkFolder | None = None,
+          heldout_labels: Tensor | None = None) -> PruneReport:
     """Prune every Linear of the model's decoder blocks, in place.
 
     ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.data.sample_calibration`).
     ``heldout``: ``[H, L]`` token ids of text not used for calibration, needed
     only by searches that score candidates (D²Prune ``frozen="auto"``).
+    An image classifier (ViT, DeiT) takes pixel values ``[N, C, H, W]``
+    instead (:func:`d2prune.vision.calibration_images`); its held-out images
+    are scored by cross-entropy against ``heldout_labels`` ``[H]``.
     Returns a :class:`PruneReport` with one row per layer.
     ``source``: where the blocks come from and the dtype they compute in
     (default: the model's own modules; fp32 compute for a half-precision model
@@ -137,8 +141,12 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     """
     if not isinstance(config, PruneConfig):
         raise D2PruneError(f"config must be a PruneConfig, not {type(config).__name__}")
-    if not (isinstance(calibration, Tensor) and calibration.dim() == 2 and calibration.shape[0] > 0):
-        raise D2PruneError("calibration must be a [nsamples, seqlen] tensor of token ids")
+    image = is_image_model(model)
+    if not (isinstance(calibration, Tensor) and calibration.dim() == (4 if image else 2) and calibration.shape[0] > 0):
+        raise D2PruneError("calibration must be a [nsamples, channels, height, width] tensor of pixel values" if image
+                           else "calibration must be a [nsamples, seqlen] tensor of token ids")
+    if image and heldout is not None and (heldout_labels is None or heldout_labels.shape[0] != heldout.shape[0]):
+        raise D2PruneError("held-out images need their labels (one per image) to score candidates by cross-entropy")
     t_start = time.perf_counter()
     device = pick_device(config.device)
     sparsity: Sparsity = config.sparsity  # type: ignore[assignment]
@@ -155,7 +163,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
             "use --stream off on a machine where that fits, or another method")
     model.eval()
     method.prepare(model, calibration, device)
-    run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work)
+    run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work,
+                   heldout_labels)
     allocation = None
     if config.allocation == "owl" and sparsity.ratio > 0:
         # one dense pass before any block is pruned (a resumed run recomputes it from the dense

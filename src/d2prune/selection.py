@@ -42,6 +42,7 @@ from .config import D2_CANDIDATES, D2PruneConfig, to_dict
 from .engine import BlockInputs, check_finite, propagate, run_block, run_head, sequential
 from .errors import D2PruneError
 from .evaluate import window_nll
+from .vision import image_loss
 from .methods.base import LayerPruner
 from .methods.d2prune import D2Prune
 from .modeling import eager_attention
@@ -97,9 +98,9 @@ class AutoSearch(D2Search):
         if held is None or held.numel() == 0:
             raise D2PruneError("--frozen auto scores candidates on held-out text: give held-out windows "
                                "(the CLI takes them from calibration documents not used as samples)")
-        if held.shape[1] != run.calibration.shape[1]:
-            raise D2PruneError(f"held-out windows have {held.shape[1]} tokens, calibration {run.calibration.shape[1]}: "
-                               "use one seqlen")
+        if held.shape[1:] != run.calibration.shape[1:]:
+            raise D2PruneError(f"held-out samples have shape {tuple(held.shape[1:])}, calibration "
+                               f"{tuple(run.calibration.shape[1:])}: use one seqlen")
         t_start = time.perf_counter()
         # every candidate's pruned blocks are spilled to disk, never held in RAM: the resume folder of the
         # run, or a temporary one when the run has none
@@ -189,9 +190,13 @@ class AutoSearch(D2Search):
             self._commit(i)
 
     def _heldout_ppl(self, run: PruneRun, cand: Candidate, inputs: BlockInputs) -> float:
-        held, nll = run.heldout, []
-        run_head(run.model, held, cand.hidden[run.calibration.shape[0]:], run.device,
-                 lambda j, logits: nll.append(window_nll(logits, held[j:j + 1])), inputs, run.blocks, run.source)
+        held, labels, nll = run.heldout, run.heldout_labels, []
+
+        def score(j: int, logits: Tensor) -> None:  # next-token NLL of a window; an image's cross-entropy
+            nll.append(window_nll(logits, held[j:j + 1]) if labels is None else image_loss(logits, labels[j:j + 1]))
+
+        run_head(run.model, held, cand.hidden[run.calibration.shape[0]:], run.device, score, inputs, run.blocks,
+                 run.source)
         total, count = distributed.all_sum([sum(nll), len(nll)])  # every process scores its share of the windows
         return math.exp(total / count)
 

@@ -550,11 +550,16 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
     tensors, take more than half the available RAM), else loaded in memory. Storage dtype: the checkpoint's
     (``dtype="auto"``) or the one asked for; blocks compute in fp32 on a CPU
     when stored in half precision (:func:`d2prune.modeling.compute_dtype_for`)."""
-    from .modeling import _dtype, load_model, resolve_source
+    from .modeling import _dtype, image_classifier_class, load_model, resolve_source
 
     if stream not in STREAM_CHOICES:
         raise D2PruneError(f"--stream {stream!r} is not valid: use {', '.join(STREAM_CHOICES)}")
     src = resolve_source(name)
+    if image_classifier_class(src):  # vision transformers are small: in memory, one block at a time on the device
+        if stream == "on":
+            raise D2PruneError(f"--stream on reads causal LMs from disk block by block; {src.describe()} is an image "
+                               "classifier, loaded in memory: use --stream off (or auto)")
+        stream = "off"
     folder = Path(src.path)
     if stream != "off" and not src.is_local and not src.gguf_file:
         folder = Path(download_safetensors(src.path))

@@ -106,6 +106,9 @@ class PrunerZero(Method):
         self.G: dict[str, Tensor] = {}
 
     def prepare(self, model, calibration, device):
+        if getattr(model, "main_input_name", "input_ids") != "input_ids":
+            raise D2PruneError(f"pruner-zero's gradients come from a language-modelling loss; {type(model).__name__} "
+                               "is not a language model: use magnitude, wanda, sparsegpt or d2prune")
         if self.sparsity.ratio > 0:
             with torch.enable_grad():
                 self.G = gradient_norms(model, calibration, device)
