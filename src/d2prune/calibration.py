@@ -66,6 +66,10 @@ class CalibrationOptions:
     error_from_outputs: bool = False
     batch: int = 1  # samples per block forward (--fast); 1 = the references' order of float operations
 
+    @property
+    def fast(self) -> bool:
+        return self.batch > 1
+
     @classmethod
     def of(cls, config: PruneConfig) -> "CalibrationOptions":
         """The per-layer error comes from the Hessian where the method builds
@@ -185,7 +189,7 @@ class BlockObserver:
             for n in names:
                 for p in self.watchers[n]:
                     kinds.update(p.input_stats)
-            st = InputStats(in_features(self.layers[names[0]]), self.device, kinds)
+            st = InputStats(in_features(self.layers[names[0]]), self.device, kinds, fast=self.options.fast)
             self.leaders.add(names[0])
             for n in names:
                 self.stats[n] = st

@@ -71,7 +71,12 @@ class RunningHessian(Accumulator):
         self.H = torch.zeros((d_in, d_in), dtype=torch.float32, device=device)
 
     def update(self, x: Tensor) -> None:
-        inp, b = as_columns(x)
+        if x.dim() == 3 and x.shape[0] > 1:  # --fast: one fused GEMM, H <- H n/(n+B) + (2/(n+B)) X^T X
+            b, rows = x.shape[0], x.reshape(-1, x.shape[-1]).float()
+            self.H.addmm_(rows.t(), rows, beta=self.n / (self.n + b), alpha=2 / (self.n + b))
+            self.n += b
+            return
+        inp, b = as_columns(x)  # one sample per call: the reference's operations, in its order
         self.H *= self.n / (self.n + b)
         self.n += b
         inp = math.sqrt(2 / self.n) * inp.float()
@@ -118,10 +123,13 @@ class InputStats:
     from them (e.g. the damped inverse-Hessian Cholesky factor), so layers that
     share the input also share the derived work."""
 
-    def __init__(self, d_in: int, device: torch.device, kinds: Iterable[StatKey]):
+    def __init__(self, d_in: int, device: torch.device, kinds: Iterable[StatKey], fast: bool = False):
         self.acc: dict[tuple, Accumulator] = {k: make_accumulator(k, d_in, device)
                                               for k in sorted({_as_tuple(k) for k in kinds})}
         self._cache: dict = {}
+        # --fast: what is derived from these statistics (the inverse-Hessian factor, the OBS
+        # updates) may take faster float paths that are not bit-identical to the references
+        self.fast = fast
 
     def update(self, x: Tensor) -> None:
         for a in self.acc.values():

@@ -49,6 +49,18 @@ def _sum_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def iw_batch_update(buf: Tensor, n: int, t: Tensor) -> Tensor:
+    """The authors' running buffer after ``B`` one-sample steps
+    ``buf <- buf * m / (m + 1) + t_k`` (``m`` = samples so far), in one go:
+    unrolled, ``buf * n / (n + B) + sum_k t_k (n + k) / (n + B)``. ``t``:
+    ``[B, d]``, one row per sample in order. Equal to the sequential updates
+    up to float rounding, so ``--fast`` batches keep the faithful statistic
+    (docs/scale.md §5) instead of one norm over the whole batch."""
+    b = t.shape[0]
+    w = (n + torch.arange(1, b + 1, device=t.device, dtype=torch.float32)) / (n + b)
+    return buf * (n / (n + b)) + (w[:, None] * t.float()).sum(0)
+
+
 class _InputNormIW(Accumulator):
     """faithful ``dx``: the authors' running buffer ``buf *= n/(n+B); buf += ||X[:, j]|| / s``
     (an index-weighted sum, not a mean), float operations in their order."""
@@ -62,7 +74,15 @@ class _InputNormIW(Accumulator):
         self.value = torch.zeros(d_in, dtype=torch.float32, device=device)
 
     def update(self, x: Tensor) -> None:
-        inp, b = as_columns(x)
+        if x.dim() == 3 and x.shape[0] > 1:  # --fast: a batch, updated as that many one-sample steps would be
+            per = torch.linalg.vector_norm(x.float(), dim=1)  # [B, d_in]: each sample's norm over its tokens
+            counts = self.n + torch.arange(1, x.shape[0] + 1, device=x.device, dtype=torch.float32)
+            if self.rescaled:
+                per = per * torch.sqrt(2 / counts)[:, None]
+            self.value = iw_batch_update(self.value, self.n, per / self.s)
+            self.n += x.shape[0]
+            return
+        inp, b = as_columns(x)  # one sample per call: the reference's operations, in its order
         self.value *= self.n / (self.n + b)
         self.n += b
         inp = math.sqrt(2 / self.n) * inp.float() if self.rescaled else inp.type(torch.float32)
@@ -118,7 +138,11 @@ class OutputNorm:
     def update(self, out: Tensor) -> None:
         out = out if out.dim() == 3 else out.unsqueeze(0)
         b = out.shape[0]
-        if self.iw:
+        if self.iw and b > 1:  # --fast: as b one-sample updates would leave it
+            t = torch.linalg.vector_norm(out.float(), dim=1) / self.s  # [b, d_out]
+            self.buf = iw_batch_update(torch.zeros_like(t[0]) if self.buf is None else self.buf, self.n, t)
+            self.n += b
+        elif self.iw:
             t = torch.norm(out.reshape(-1, out.shape[-1]).float(), p=2, dim=0) / self.s
             if self.buf is None:
                 self.buf = torch.zeros_like(t)
@@ -205,7 +229,7 @@ class D2SparseGPTLayer(_D2Layer):
         def score(W_sub, d_sub, c0, c1):
             return d2_sparsegpt_score(W_sub, d_sub, y, dx[c0:c1], r1, r2)
 
-        return obs_prune(W, U, dead, self.sparsity, self.cfg.blocksize, score)
+        return obs_prune(W, U, dead, self.sparsity, self.cfg.blocksize, score, fast=getattr(stats, "fast", False))
 
 
 class D2WandaLayer(_D2Layer, MaskPruner):

@@ -44,7 +44,34 @@ def obs_score(W_sub: Tensor, d_sub: Tensor, c0: int, c1: int) -> Tensor:
     return W_sub ** 2 / (d_sub.reshape((1, -1))) ** 2
 
 
-def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "layer") -> tuple[Tensor, Tensor]:
+def _factor_exact(H: Tensor) -> Tensor | None:
+    """The reference's ``chol(cholesky_inverse(chol(H)))^T``: 2 Cholesky factorisations and an inverse."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info):
+        return None
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, torch.empty((), dtype=torch.int32,
+                                                                                device=H.device)))
+    return U if int(info) == 0 else None
+
+
+def _factor_fast(H: Tensor) -> Tensor | None:
+    """The same ``U`` (``H^-1 = U^T U``, upper) from ONE Cholesky factorisation
+    and one triangular inverse (about 2.5x fewer flops; --fast): with ``P``
+    the order-reversing permutation, ``P H P = L L^T`` gives
+    ``H^-1 = (P L^-1 P)^T (P L^-1 P)`` and ``P L^-1 P`` is upper triangular
+    with a positive diagonal, so by uniqueness it is the Cholesky factor."""
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info):
+        return None
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
+    del L
+    return Linv.flip(0, 1)
+
+
+def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "layer", fast: bool = False) -> tuple[Tensor, Tensor]:
     """``(U, dead)``: upper Cholesky factor of the damped ``H^-1`` and the
     dead-input mask. ``H`` is used in place (its diagonal is damped, then put
     back exactly): a 28672-wide input's Hessian is 3.3 GB in fp32, so no
@@ -58,16 +85,11 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "layer") -> t
         try:
             H[dead, dead] = 1
             H[diag, diag] += damp * torch.mean(torch.diag(H))
-            L, info = torch.linalg.cholesky_ex(H)
+            U = (_factor_fast if fast else _factor_exact)(H)
         finally:
             H[diag, diag] = saved
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, torch.empty((), dtype=torch.int32,
-                                                                                        device=H.device)))
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, dead
+        if U is not None and bool(torch.isfinite(U).all()):
+            return U, dead
         if attempt < MAX_DAMP_RETRIES:
             log.warning("%s: Hessian not positive definite with damping %.3g; retrying with %.3g", name, damp, damp * 10)
             damp *= 10
@@ -77,12 +99,20 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "layer") -> t
     )
 
 
+FAST_INNER = 16  # --fast: columns updated one by one before a matmul updates the rest of the block
+
+
 def obs_prune(W: Tensor, U: Tensor, dead: Tensor, sparsity: Sparsity, blocksize: int = 128,
-              score_fn: Optional[ScoreFn] = None) -> tuple[Tensor, Tensor]:
+              score_fn: Optional[ScoreFn] = None, fast: bool = False) -> tuple[Tensor, Tensor]:
     """Prune ``W`` (fp32 ``[d_out, d_in]``, modified in place) with OBS updates.
 
     Returns ``(W, mask)``. The float operations follow IST-DASLab/sparsegpt
     ``fasterprune`` one to one, so masks and weights match the reference.
+    ``fast``: inside a block, each column's update reaches only the columns of
+    its group of :data:`FAST_INNER`; the rest of the block is updated by one
+    matmul per group (SparseGPT's lazy batch update, §3.3, applied once more
+    inside the block): the same mathematics, a quarter of the per-column
+    memory traffic, other float rounding.
     """
     score_fn = score_fn or obs_score
     rows, cols = W.shape
@@ -107,6 +137,7 @@ def obs_prune(W: Tensor, U: Tensor, dead: Tensor, sparsity: Sparsity, blocksize:
             # Adaptive mask: chosen once per block from the block's current
             # (already error-compensated) weights.
             mask1T = at_or_below_kth(score_fn(W1T.t(), d1, i1, i2), sparsity.ratio).t()
+        inner = FAST_INNER if fast and (not sparsity.is_nm or FAST_INNER % m == 0) else count
         for i in range(count):
             if sparsity.is_nm and i % m == 0:
                 s = score_fn(W1T[i:i + m].t(), d1[i:i + m], i1 + i, i1 + i + m)
@@ -118,9 +149,13 @@ def obs_prune(W: Tensor, U: Tensor, dead: Tensor, sparsity: Sparsity, blocksize:
             err1.div_(U1[i, i])
             # OBS update of the not-yet-processed columns: W1[:, i:] -= err1 (x) U1[i, i:]
             # (product then subtraction, two roundings, exactly as the reference's matmul)
-            upd = buf[: count - i]
-            torch.outer(U1[i, i:], err1, out=upd)
-            W1T[i:].sub_(upd)
+            end = min(count, (i // inner + 1) * inner)
+            upd = buf[: end - i]
+            torch.outer(U1[i, i:end], err1, out=upd)
+            W1T[i:end].sub_(upd)
+            if end == i + 1 and end < count:  # --fast: the group's errors reach the rest of the block at once
+                g0 = end - inner
+                W1T[end:].sub_(U1[g0:end, end:].t().matmul(Err1T[g0:end]))
         # q: every processed column keeps w where not pruned (its own update subtracted +0)
         W[:, i1:i2] = W1T.masked_fill(mask1T, 0).t()
         mask[:, i1:i2] = mask1T.t()
@@ -137,7 +172,9 @@ def hessian_factor(stats, percdamp: float, name: str) -> tuple[Tensor, Tensor]:
             f"NaN/Inf in the calibration Hessian of {name}: the activations overflow; "
             "load the model in float32 (--dtype float32) or check its weights"
         )
-    return stats.cached(("inverse_hessian_factor", percdamp), lambda: inverse_hessian_factor(H, percdamp, name))
+    fast = getattr(stats, "fast", False)
+    return stats.cached(("inverse_hessian_factor", percdamp),
+                        lambda: inverse_hessian_factor(H, percdamp, name, fast=fast))
 
 
 class SparseGPTLayer(LayerPruner):
@@ -146,7 +183,7 @@ class SparseGPTLayer(LayerPruner):
 
     def prune(self, W, stats):
         U, dead = hessian_factor(stats, self.config.percdamp, self.name)
-        return obs_prune(W, U, dead, self.sparsity, self.config.blocksize)
+        return obs_prune(W, U, dead, self.sparsity, self.config.blocksize, fast=getattr(stats, "fast", False))
 
 
 @register
