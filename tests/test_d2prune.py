@@ -280,3 +280,18 @@ def test_phi3_fused_qkv_with_gqa_split():
     assert torch.equal(k_rows[k_rows != 0], dense_w[q:q + k][k_rows != 0])
     v_rows = W[q + k:]
     assert not torch.equal(v_rows[v_rows != 0], dense_w[q + k:][v_rows != 0])
+
+
+def test_auto_without_a_work_folder_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """--frozen auto spills candidates to a private temporary folder when the
+    run has no --out; it is removed whole afterwards (not only its content)."""
+    import tempfile
+
+    from conftest import tiny_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    calib, held = torch.randint(0, 128, (4, 16), generator=g), torch.randint(0, 128, (2, 16), generator=g)
+    prune(model, PruneConfig(method="d2prune", sparsity=0.5), calib, held)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("d2prune")] == []

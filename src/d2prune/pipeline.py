@@ -189,8 +189,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                     "dtype": str(opened.storage_dtype), "compute_dtype": str(opened.source.compute_dtype),
                     "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
         main = out is None or distributed.is_main()  # in a torchrun job rank 0 writes, the others read its folder
-        work = WorkFolder(out if out is not None else Path(tempfile.mkdtemp(prefix="d2prune-")) / "model", identity,
-                          restart, writer=main)
+        work = WorkFolder(out, identity, restart, writer=main) if out is not None else \
+            WorkFolder.temporary("d2prune-", identity, writer=main)
     if offload is not None:
         scratch = (work.ensure() if work.writer else Path(tempfile.mkdtemp(prefix="d2prune-act-"))) / "activations"
         opened.source.activations = ActivationStore(offload, scratch if offload == "disk" else None)

@@ -85,6 +85,18 @@ class WorkFolder:
         self.path = out.parent / f".{out.name}.work"
         self.identity = json.loads(json.dumps(identity, default=str))  # what state.json will compare against
         self.state: dict = {}
+        self.temp_root: Path | None = None  # a private temporary folder this work folder lives in (removed with it)
+
+    @classmethod
+    def temporary(cls, prefix: str, identity: dict, writer: bool = True) -> "WorkFolder":
+        """A work folder inside a new private temporary folder (a run without
+        ``--out``: nothing to resume), which :meth:`remove` deletes too."""
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+        work = cls(root / "model", identity, writer=writer)
+        work.temp_root = root
+        return work
 
     # ------------------------------------------------------------------ start
     def begin(self, n_blocks: int) -> int:
@@ -157,4 +169,6 @@ class WorkFolder:
     def remove(self) -> None:
         if self.writer and (self.path / MARKER_NAME).is_file():
             shutil.rmtree(self.path, ignore_errors=True)
+        if self.temp_root is not None:  # the temporary folder we made, nothing above it
+            shutil.rmtree(self.temp_root, ignore_errors=True)
 

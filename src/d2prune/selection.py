@@ -25,7 +25,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
@@ -104,7 +103,7 @@ class AutoSearch(D2Search):
         t_start = time.perf_counter()
         # every candidate's pruned blocks are spilled to disk, never held in RAM: the resume folder of the
         # run, or a temporary one when the run has none
-        self.work = run.work or WorkFolder(Path(tempfile.mkdtemp(prefix="d2prune-auto-")) / "model", {})
+        self.work = run.work or WorkFolder.temporary("d2prune-auto-", {})
         try:
             self.start = self._resume(run)
             inputs = sequential(run.model, torch.cat([run.calibration, held]), run.device,
