@@ -174,9 +174,14 @@ def test_digits_vit_pruned_from_the_command_line(digits, tmp_path):
 
 
 def test_digits_vit_diagnose_and_n_m(digits, tmp_path):
-    rec = _prune(digits, tmp_path, "sparsegpt", "2:4", "--eval-windows", "64")
+    rec = _prune(digits, tmp_path, "sparsegpt", "2:4", "--eval-windows", "64", "--save-format", "compressed")
     assert rec["sparsity"] == 0.5 and rec["evaluation"]["images"]["images"] == 64
+    assert rec["compression"]["sparse_matrices_ratio"] < 0.6  # the 2:4 layout: values + 2-bit indices
     folder = tmp_path / "sparsegpt-2:4"
+    out = tmp_path / "eval.json"  # the compressed folder loads back with the accuracy it was saved with
+    assert main(["-q", "eval", "--model", str(folder), "--eval-images", str(digits[2]), "--eval-windows", "64",
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["images"]["top1"] == pytest.approx(rec["evaluation"]["images"]["top1"], abs=1e-9)
     assert main(["-q", "diagnose", "--dense", str(digits[0]), "--pruned", str(folder), "--windows", "4"]) == 0
     att = json.loads((folder / "attention.json").read_text())
     assert att["windows"] == 4 and att["images"] == str(digits[2])  # the folder it was evaluated on

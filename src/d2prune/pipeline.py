@@ -6,6 +6,7 @@ evaluate -> save. The CLI (:mod:`d2prune.cli`) only parses flags into
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -191,8 +192,11 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         main = out is None or distributed.is_main()  # in a torchrun job rank 0 writes, the others read its folder
         work = WorkFolder(out, identity, restart, writer=main) if out is not None else \
             WorkFolder.temporary("d2prune-", identity, writer=main)
+    private = None  # a scratch folder of this process alone (another rank of a torchrun job), removed at the end
     if offload is not None:
-        scratch = (work.ensure() if work.writer else Path(tempfile.mkdtemp(prefix="d2prune-act-"))) / "activations"
+        if not work.writer:
+            private = Path(tempfile.mkdtemp(prefix="d2prune-act-"))
+        scratch = (private or work.ensure()) / "activations"
         opened.source.activations = ActivationStore(offload, scratch if offload == "disk" else None)
     calib, heldout = distributed.shard(calib), distributed.shard(heldout)  # torchrun: this process's samples
     heldout_labels = distributed.shard(heldout_labels)
@@ -200,6 +204,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work,
                                     heldout_labels=heldout_labels)
         if not distributed.is_main():  # rank 0 evaluates and saves; the others are done
+            if work is not None:
+                work.remove()  # only what is this process's own (a temporary folder); rank 0's stays with rank 0
             return {"rank": distributed.rank(), "sparsity": report.sparsity}
         if images:
             results = _evaluate_images(model, tokenizer, folders.get("eval"), data, config.device, opened.source)
@@ -231,6 +237,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         raise  # with --out the work folder stays: the same command resumes
     finally:
         distributed.finish()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
     if work is not None:
         work.remove()
     return record
