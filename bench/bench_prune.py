@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from d2prune import PruneConfig, load_model, perplexity, prune, sample_calibration
-from d2prune.config import method_label, parse_method_spec
+from d2prune.config import method_label
 from d2prune.data import calibration_texts, heldout_windows
 from d2prune.engine import propagate, run_block, sequential
 from d2prune.modeling import pick_device

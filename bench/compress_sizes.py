@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from _report import command, emit  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 C4 = SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
@@ -102,14 +104,11 @@ def main() -> None:
     head = ("| model | sparsity | dtype | dense MB | compressed MB | file ratio | sparse matrices ratio | layouts "
             "| weights identical | logits identical | ppl dense | ppl compressed | s |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    cmd = "python bench/compress_sizes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = command()
     text = (f"`{cmd}`\n\nWanda, {args.nsamples} x {args.seqlen} C4 calibration; perplexity: WikiText-2, first "
             f"{args.eval_windows} windows of 256 tokens; sizes: the `*.safetensors` files on disk; torch "
             f"{torch.__version__}\n\n{head}\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(text, args.markdown)
 
 
 if __name__ == "__main__":

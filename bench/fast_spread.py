@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _report import command, emit  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 C4 = ROOT.parent / "shared" / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
@@ -66,7 +66,7 @@ def main() -> None:
                     f"{e1:.3f} | {100 * (e1 / e - 1):+.2f}% |")
         print(rows[-1], flush=True)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    cmd = "python bench/fast_spread.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = command()
     lines = [f"`{cmd}`", "",
              f"model {src.describe()} | {args.method} 50% | {args.nsamples} x {args.seqlen} calibration tokens | "
              f"WikiText-2 first {args.eval_windows} windows of {args.seqlen} | {threads} threads | torch {torch.__version__}", "",
@@ -76,10 +76,7 @@ def main() -> None:
              f"{100 * max(abs(r - 1) for r in ratios):.2f}%); the exact mode on 1 vs {threads} threads: mean "
              f"{100 * (mean(spreads) - 1):+.2f}% (max |difference| {100 * max(abs(s - 1) for s in spreads):.2f}%).", ""]
     text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(text, args.markdown)
 
 
 if __name__ == "__main__":

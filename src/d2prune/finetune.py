@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import D2PruneError, first_line
-from .modeling import PRUNABLE_TYPES, check_seqlen, find_blocks, find_prunable, pick_device
+from .modeling import check_seqlen, find_blocks, find_prunable, pick_device
 from .resume import MARKER_NAME, _atomic_write, files_digest, tensor_digest
 from .save import RECORD_NAME, check_output_dir, library_versions, save_pruned
 
@@ -523,7 +523,7 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
         "evaluation": {"file": eval_file or "hub: wikitext-2-raw-v1 test", "before": before, "after": after},
         "zeros": {"before": zeros_before, "after": zeros_after, "pattern_identical": True},
         "resumed_from": resumed_from, "device": str(dev), "threads": torch.get_num_threads(),
-        "train_seconds": train_seconds, "total_seconds": None, "versions": {**versions, "peft": _peft_version()},
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "total_seconds": None, "versions": {**versions, "peft": _peft_version()},
     }
     out_record = dict(record) if record else {"model": str(pruned)}
     out_record["finetune"] = section

@@ -28,7 +28,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
