@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import METHOD_CONFIGS, MethodConfig, PruneConfig, method_config, method_fields
-from .errors import D2PruneError
+from .errors import D2PruneError, UnknownOptionError
 from .pipeline import DataConfig
 from .zeroshot import DEFAULT_BATCH_SIZE
 
@@ -130,11 +130,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``d2prune <command>``: one small function below per subcommand, each
+    setting the handler that runs it (:data:`COMMANDS`)."""
     parser = _Parser(prog="d2prune", description="Post-training pruning of HuggingFace causal LMs.")
     add_verbosity_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _handler, help_text) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text))
+    for subparser in sub.choices.values():  # -q / -v after the subcommand too (SUPPRESS: absent = the global value)
+        add_verbosity_flags(subparser, default=argparse.SUPPRESS)
+    return parser
 
-    p = sub.add_parser("prune", help="prune a model, evaluate perplexity, save it")
+
+def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--method", default="sparsegpt", choices=sorted(METHOD_CONFIGS), help="pruning method")
     p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
@@ -174,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
 
-    e = sub.add_parser("eval", help="zero-shot accuracy (lm-eval-harness, offline task data) and/or perplexity")
+
+def add_eval_arguments(e: argparse.ArgumentParser) -> None:
     add_model_flags(e)
     add_zeroshot_flags(e)
     e.add_argument("--ppl", action="store_true",
@@ -188,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image classifier's top-1 / top-5 accuracy on this ImageFolder tree (alone: accuracy only)")
     e.add_argument("--output", default=None, help="write the results as JSON here")
 
-    w = sub.add_parser("sweep", help="grid of methods x sparsities (x models): resumable, CSV + markdown + plots")
+
+def add_sweep_arguments(w: argparse.ArgumentParser) -> None:
     w.add_argument("--model", action="append", default=None,
                    help="model (repeat for several; default SmolLM2-135M-Instruct)")
     w.add_argument("--methods", default="magnitude,wanda,sparsegpt,pruner-zero,d2prune",
@@ -202,11 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-cells", type=int, default=None, help="stop after N new cells (resume later)")
     w.add_argument("--out", required=True, help="sweep folder (results.csv, results.md, plots); reused to resume")
 
-    t = sub.add_parser("tasks", help="write the local lm-eval task configs (for lm-eval's own CLI --include_path)")
+
+def add_tasks_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--task-data", default=None, help="folder laid out like ../shared/data/zeroshot")
     t.add_argument("--out", required=True, help="folder to write the YAML configs into")
 
-    g = sub.add_parser("diagnose", help="attention KL / RMSE of a pruned model against the dense one, per block")
+
+def add_diagnose_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--dense", default=None, help="the dense model (default: SmolLM2-135M-Instruct)")
     g.add_argument("--pruned", required=True, help="a d2prune output folder (or any model of the same architecture)")
     g.add_argument("--eval-file", default=None, help="WikiText-2 test .jsonl (default: the hub)")
@@ -218,26 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", default=None, help="PNG path (default PRUNED/attention.png)")
     g.add_argument("--json", default=None, help="JSON path (default PRUNED/attention.json)")
 
-    d = sub.add_parser("demo", help="prune SmolLM2-135M with every baseline and print a table (offline)")
+
+def add_demo_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--nsamples", type=int, default=None)
     d.add_argument("--seqlen", type=int, default=None)
     d.add_argument("--eval-windows", type=int, default=None)
-    c = sub.add_parser("compress", help="re-save a pruned folder compressed (bitmask / N:M indices + values)")
+
+
+def add_compress_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("input", help="a pruned model folder (safetensors)")
     c.add_argument("output", help="the compressed folder to write (atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    from .speed import add_arguments as add_speed_arguments
 
-    add_speed_arguments(sub.add_parser("speed", help="dense vs sparse inference speed (2:4 on NVIDIA GPUs, "
-                                                     "unstructured on CPU)"))
-    from .finetune import add_arguments as add_finetune_arguments
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    from .speed import add_arguments
 
-    add_finetune_arguments(sub.add_parser("finetune", help="LoRA recovery fine-tuning of a pruned model on C4, merged "
-                                                           "with the pruned zeros kept"))
-    for subparser in sub.choices.values():  # -q / -v after the subcommand too (SUPPRESS: absent = the global value)
-        add_verbosity_flags(subparser, default=argparse.SUPPRESS)
-    return parser
+    add_arguments(p)
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    from .finetune import add_arguments
+
+    add_arguments(p)
 
 
 def add_verbosity_flags(p: argparse.ArgumentParser, default) -> None:
@@ -277,10 +292,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     opts = method_options(args)
     try:
         mcfg = method_config(args.method, **opts)
-    except D2PruneError as e:
-        if "takes no option" in str(e):
-            raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
-        raise
+    except UnknownOptionError as e:
+        raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
                          fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -370,6 +383,68 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .zeroshot import STANDARD_TASKS, TASK_FILES, check_task_data, write_task_configs
+
+    out = write_task_configs(check_task_data(args.task_data, list(TASK_FILES)), args.out)
+    print(f"wrote lm-eval task configs to {out}: use --include_path {out} --tasks "
+          + ",".join(f"local_{t}" for t in STANDARD_TASKS))
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .pipeline import diagnose
+
+    print(diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot,
+                   args.json, args.images)["table"])
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import compress_folder
+
+    print(compress_folder(args.input, args.output, overwrite=args.overwrite).line())
+    return 0
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    from .speed import main as speed_main
+
+    return speed_main(args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import main as finetune_main
+
+    return finetune_main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(nsamples=args.nsamples, seqlen=args.seqlen, n_windows=args.eval_windows)
+
+
+# name -> (its flags, its handler, its help line), in the order --help lists them
+COMMANDS = {
+    "prune": (add_prune_arguments, cmd_prune, "prune a model, evaluate perplexity, save it"),
+    "eval": (add_eval_arguments, cmd_eval,
+             "zero-shot accuracy (lm-eval-harness, offline task data) and/or perplexity"),
+    "sweep": (add_sweep_arguments, cmd_sweep,
+              "grid of methods x sparsities (x models): resumable, CSV + markdown + plots"),
+    "tasks": (add_tasks_arguments, cmd_tasks,
+              "write the local lm-eval task configs (for lm-eval's own CLI --include_path)"),
+    "diagnose": (add_diagnose_arguments, cmd_diagnose,
+                 "attention KL / RMSE of a pruned model against the dense one, per block"),
+    "demo": (add_demo_arguments, cmd_demo, "prune SmolLM2-135M with every baseline and print a table (offline)"),
+    "compress": (add_compress_arguments, cmd_compress,
+                 "re-save a pruned folder compressed (bitmask / N:M indices + values)"),
+    "speed": (add_speed_arguments, cmd_speed,
+              "dense vs sparse inference speed (2:4 on NVIDIA GPUs, unstructured on CPU)"),
+    "finetune": (add_finetune_arguments, cmd_finetune,
+                 "LoRA recovery fine-tuning of a pruned model on C4, merged with the pruned zeros kept"),
+}
+
 INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT
 
 
@@ -413,47 +488,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:
-        if args.command == "prune":
-            return cmd_prune(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        if args.command == "tasks":
-            from .zeroshot import STANDARD_TASKS, TASK_FILES, check_task_data, write_task_configs
-
-            out = write_task_configs(check_task_data(args.task_data, list(TASK_FILES)), args.out)
-            print(f"wrote lm-eval task configs to {out}: use --include_path {out} --tasks "
-                  + ",".join(f"local_{t}" for t in STANDARD_TASKS))
-            return 0
-        if args.command == "diagnose":
-            from .pipeline import diagnose
-
-            print(diagnose(args.dense, args.pruned, args.eval_file, args.seqlen, args.windows, args.device, args.plot,
-                           args.json, args.images)["table"])
-            return 0
-        if args.command == "compress":
-            from .compress import compress_folder
-
-            print(compress_folder(args.input, args.output, overwrite=args.overwrite).line())
-            return 0
-        if args.command == "speed":
-            from .speed import main as speed_main
-
-            return speed_main(args)
-        if args.command == "finetune":
-            from .finetune import main as finetune_main
-
-            return finetune_main(args)
-        if args.command == "demo":
-            from .demo import main as demo_main
-
-            return demo_main(nsamples=args.nsamples, seqlen=args.seqlen, n_windows=args.eval_windows)
-        parser.error(f"unknown command {args.command}")  # pragma: no cover
+        return COMMANDS[args.command][1](args)
     except D2PruneError as e:
         print(f"d2prune: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

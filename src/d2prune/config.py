@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import D2PruneError
+from .errors import D2PruneError, UnknownOptionError
 
 
 # --------------------------------------------------------------------------- sparsity
@@ -293,7 +293,7 @@ def method_config(name: str, **options: Any) -> MethodConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise D2PruneError(f"method {name!r} takes no option(s) {', '.join(unknown)}")
+        raise UnknownOptionError(f"method {name!r} takes no option(s) {', '.join(unknown)}", unknown)
     return cls(**options)
 
 

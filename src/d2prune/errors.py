@@ -17,6 +17,14 @@ class D2PruneError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class UnknownOptionError(D2PruneError):
+    """A method was given options it does not have (``options``: their names)."""
+
+    def __init__(self, message: str, options: list[str]):
+        super().__init__(message)
+        self.options = options
+
+
 MAX_REASON_CHARS = 300  # how much of a wrapped library error a one-line message quotes
 
 
