@@ -402,8 +402,7 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
     ``save_every`` K > 0 checkpoints every K steps; ``on_step(step)`` is called
     after each optimizer step (and its checkpoint): a test hook.
     """
-    from .data import calibration_texts, eval_text, eval_windows as cut_windows, sample_calibration
-    from .evaluate import perplexity
+    from .data import calibration_texts, eval_text
 
     t0 = time.perf_counter()
     cfg = cfg or FinetuneConfig()
@@ -424,13 +423,107 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
     docs = calibration_texts(data)
     text = eval_text("wikitext2", eval_file)
 
+    run = _open_run(pruned, cfg, dev, docs, text, eval_seqlen, eval_windows)
+    work = FinetuneWork(target, run.identity, restart)
+    state = work.load()
+    before = state["ppl_before"] if state and "ppl_before" in state else run.evaluate(run.model)
+    peft_model = add_lora(run.model, cfg, run.targets)
+    params = trainable(peft_model)
+    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    progress = TrainingProgress()
+    if state:
+        restore_training_state(work.tensors(state), params, opt, dev)
+        progress = TrainingProgress(int(state["step"]), list(state["losses"]), float(state["train_seconds"]),
+                                    list(state.get("resumed_from", [])) + [int(state["step"])])
+        log.info("resuming from step %d/%d (checkpoint in %s)", progress.step, cfg.steps, work.path)
+    n_trainable = sum(p.numel() for _, p in params)
+    log.info("LoRA r=%d on %d Linears (%d trainable parameters), %d steps x %d windows x %d tokens",
+             cfg.lora_r, len(run.targets), n_trainable, cfg.steps, cfg.batch_size, run.seqlen)
+
+    def checkpoint(done: int) -> None:
+        if save_every and done % save_every == 0 and done < cfg.steps:
+            work.save(done, training_state(params, opt, dev),
+                      {"losses": progress.losses, "train_seconds": progress.train_seconds, "ppl_before": before,
+                       "resumed_from": progress.resumed_from})
+        if on_step is not None:
+            on_step(done)
+
+    train(peft_model, opt, run.windows, cfg, dev, progress, checkpoint)
+    merged = merge_keeping_zeros(peft_model, run.storage, run.targets, run.masks_before)
+    t_eval = time.perf_counter()
+    after = run.evaluate(merged)  # the weights saved, rounded to storage
+    eval_seconds = time.perf_counter() - t_eval
+
+    section = {
+        "source": str(pruned), "config": {**cfg.to_dict(), "seqlen": run.seqlen, "scaling": cfg.scaling},
+        "authors_defaults": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 1e-4, "seqlen": 1024,
+                             "batch_size": 128, "steps": AUTHORS_STEPS, "warmup_steps": 5,
+                             "target_modules": ["q_proj", "v_proj"]},
+        "targets": len(run.targets), "trainable_parameters": n_trainable,
+        "data": {"file": data or "hub: allenai/c4 en/c4-train.00000-of-01024", "sampler": "calibration windows",
+                 "seed": DATA_SEED_OFFSET + cfg.seed},
+        "steps": cfg.steps, "windows_seen": cfg.steps * cfg.batch_size,
+        "tokens_seen": cfg.steps * cfg.batch_size * run.seqlen,
+        "loss": loss_summary(progress.losses),
+        "evaluation": {"file": eval_file or "hub: wikitext-2-raw-v1 test", "before": before, "after": after},
+        "zeros": {"before": run.zeros_before, "after": count_zeros(merged, run.targets), "pattern_identical": True},
+        "resumed_from": progress.resumed_from, "device": str(dev), "threads": torch.get_num_threads(),
+        "train_seconds": progress.train_seconds, "eval_seconds": eval_seconds, "total_seconds": None,
+        "versions": {**library_versions(), "peft": _peft_version()},
+    }
+    record = run.record
+    out_record = dict(record) if record else {"model": str(pruned)}
+    out_record["finetune"] = section
+    if record.get("evaluation"):
+        out_record["evaluation_before_finetune"] = record["evaluation"]
+    out_record["evaluation"] = {"wikitext2": after}
+    section["total_seconds"] = time.perf_counter() - t0
+    merged = merged.to(run.storage)
+    merged.config.use_cache = True
+    saved = save_pruned(merged, run.tokenizer, target, out_record, overwrite=overwrite)
+    work.remove()
+    log.info("wikitext2 ppl %.3f -> %.3f (%d windows of %d), saved to %s", before["ppl"], after["ppl"],
+             after["windows"], run.eval_seqlen, saved)
+    return FinetuneResult(saved, before["ppl"], after["ppl"], out_record)
+
+
+@dataclass
+class FinetuneRun:
+    """What a fine-tuning run works on: the pruned model (on its device, in
+    its compute dtype) and the zeros it must keep, the training windows, the
+    evaluation windows, and the identity a resumed run must match."""
+
+    model: nn.Module
+    tokenizer: object
+    record: dict
+    targets: list[str]
+    storage: torch.dtype
+    seqlen: int
+    eval_seqlen: int
+    windows: Tensor
+    eval_ids: Tensor
+    eval_windows: int | None
+    device: torch.device
+    zeros_before: int
+    masks_before: dict[str, Tensor]
+    identity: dict
+
+    def evaluate(self, model: nn.Module) -> dict:
+        from .evaluate import perplexity
+
+        return asdict(perplexity(model, self.eval_ids, "wikitext2", max_windows=self.eval_windows, device=self.device))
+
+
+def _open_run(pruned: Path, cfg: FinetuneConfig, dev: torch.device, docs: list[str], text: str,
+              eval_seqlen: int | None, eval_windows: int | None) -> FinetuneRun:
+    """Load the pruned model and cut the training and evaluation windows."""
+    from .data import eval_windows as cut_windows, sample_calibration
+
     model, tok, record = load_pruned(pruned)
     targets = target_linears(model, record)
-    modules = dict(model.named_modules())
-    storage = modules[targets[0]].weight.dtype
-    compute = torch.float32 if dev.type == "cpu" and storage in (torch.float16, torch.bfloat16) else None
-    if compute is not None:
-        model = model.to(compute)  # CPU half-precision kernels are slow and poorly supported
+    storage = dict(model.named_modules())[targets[0]].weight.dtype
+    if dev.type == "cpu" and storage in (torch.float16, torch.bfloat16):
+        model = model.to(torch.float32)  # CPU half-precision kernels are slow and poorly supported
     model = model.to(dev)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     seqlen = cfg.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
@@ -438,39 +531,36 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
     if eval_seqlen is None:
         eval_seqlen = ((record.get("evaluation") or {}).get("wikitext2") or {}).get("seqlen") or min(context or 2048, 2048)
     check_seqlen(model, eval_seqlen)
-    zeros_before = count_zeros(model, targets)
-    masks_before = zero_masks(model, targets)
-
     windows = sample_calibration(tok, docs, cfg.steps * cfg.batch_size, seqlen, seed=DATA_SEED_OFFSET + cfg.seed)
     ev = cut_windows(tok, text, eval_seqlen, "the WikiText-2 text")
     versions = library_versions()
     identity = {"config": {**cfg.to_dict(), "seqlen": seqlen}, "model": files_digest(weight_files(pruned)),
                 "data": tensor_digest(windows), "evaluation": [tensor_digest(ev[:eval_windows]), eval_seqlen],
                 "device": dev.type, "versions": [versions.get("torch"), versions.get("transformers"), _peft_version()]}
-    work = FinetuneWork(target, identity, restart)
-    state = work.load()
+    return FinetuneRun(model, tok, record, targets, storage, seqlen, eval_seqlen, windows, ev, eval_windows, dev,
+                       count_zeros(model, targets), zero_masks(model, targets), identity)
 
-    if state and "ppl_before" in state:
-        before = state["ppl_before"]
-    else:
-        before = asdict(perplexity(model, ev, "wikitext2", max_windows=eval_windows, device=dev))
-    peft_model = add_lora(model, cfg, targets)
-    params = trainable(peft_model)
-    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    losses: list[float] = []
-    start, train_seconds, resumed_from = 0, 0.0, []
-    if state:
-        restore_training_state(work.tensors(state), params, opt, dev)
-        start, losses = int(state["step"]), list(state["losses"])
-        train_seconds, resumed_from = float(state["train_seconds"]), list(state.get("resumed_from", [])) + [start]
-        log.info("resuming from step %d/%d (checkpoint in %s)", start, cfg.steps, work.path)
-    n_trainable = sum(p.numel() for _, p in params)
-    log.info("LoRA r=%d on %d Linears (%d trainable parameters), %d steps x %d windows x %d tokens",
-             cfg.lora_r, len(targets), n_trainable, cfg.steps, cfg.batch_size, seqlen)
 
+@dataclass
+class TrainingProgress:
+    """Where training stands: the next step, the losses so far, the seconds
+    spent training and the steps a resumed run started from."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def train(peft_model: nn.Module, opt: torch.optim.Optimizer, windows: Tensor, cfg: FinetuneConfig,
+          dev: torch.device, progress: TrainingProgress, after_step: Callable[[int], None]) -> None:
+    """The optimizer steps from ``progress.step`` to ``cfg.steps``: each
+    accumulates ``batch_size / micro_batch_size`` micro-batches of the
+    step's own windows (so a resumed run sees the same data), then
+    ``after_step(steps done)`` (checkpoints, test hooks)."""
     peft_model.train()
     accum = cfg.batch_size // cfg.micro_batch_size
-    bar = tqdm(range(start, cfg.steps), desc="finetune", initial=start, total=cfg.steps, disable=None)
+    bar = tqdm(range(progress.step, cfg.steps), desc="finetune", initial=progress.step, total=cfg.steps, disable=None)
     for step in bar:
         t_step = time.perf_counter()
         for group in opt.param_groups:
@@ -486,58 +576,24 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
         if not math.isfinite(step_loss):
             raise D2PruneError(f"the training loss became {step_loss} at step {step + 1}: lower --lr (now {cfg.lr})")
         opt.step()
-        losses.append(step_loss)
-        train_seconds += time.perf_counter() - t_step
+        progress.losses.append(step_loss)
+        progress.train_seconds += time.perf_counter() - t_step
+        progress.step = step + 1
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_at(cfg, step):.2e}")
-        done = step + 1
-        if save_every and done % save_every == 0 and done < cfg.steps:
-            work.save(done, training_state(params, opt, dev),
-                      {"losses": losses, "train_seconds": train_seconds, "ppl_before": before,
-                       "resumed_from": resumed_from})
-        if on_step is not None:
-            on_step(done)
+        after_step(progress.step)
     bar.close()
-
     peft_model.eval()
+
+
+def merge_keeping_zeros(peft_model: nn.Module, storage: torch.dtype, targets: list[str],
+                        masks_before: dict[str, Tensor]) -> nn.Module:
+    """The merged model, checked to have exactly the pruned model's zeros."""
     merged = merge_masked(peft_model, storage)
-    zeros_after = count_zeros(merged, targets)
     masks_after = zero_masks(merged, targets)
     if any(not torch.equal(masks_before[n], masks_after[n]) for n in targets):
         # cannot happen (merge_masked keeps them), but a model that breaks the promise is never saved
         raise RuntimeError("the merge changed the zero pattern of the pruned layers")
-    del masks_before, masks_after
-    t_eval = time.perf_counter()
-    after = asdict(perplexity(merged, ev, "wikitext2", max_windows=eval_windows, device=dev))  # the weights saved, rounded to storage
-    eval_seconds = time.perf_counter() - t_eval
-
-    section = {
-        "source": str(pruned), "config": {**cfg.to_dict(), "seqlen": seqlen, "scaling": cfg.scaling},
-        "authors_defaults": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 1e-4, "seqlen": 1024,
-                             "batch_size": 128, "steps": AUTHORS_STEPS, "warmup_steps": 5,
-                             "target_modules": ["q_proj", "v_proj"]},
-        "targets": len(targets), "trainable_parameters": n_trainable,
-        "data": {"file": data or "hub: allenai/c4 en/c4-train.00000-of-01024", "sampler": "calibration windows",
-                 "seed": DATA_SEED_OFFSET + cfg.seed},
-        "steps": cfg.steps, "windows_seen": cfg.steps * cfg.batch_size, "tokens_seen": cfg.steps * cfg.batch_size * seqlen,
-        "loss": loss_summary(losses),
-        "evaluation": {"file": eval_file or "hub: wikitext-2-raw-v1 test", "before": before, "after": after},
-        "zeros": {"before": zeros_before, "after": zeros_after, "pattern_identical": True},
-        "resumed_from": resumed_from, "device": str(dev), "threads": torch.get_num_threads(),
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "total_seconds": None, "versions": {**versions, "peft": _peft_version()},
-    }
-    out_record = dict(record) if record else {"model": str(pruned)}
-    out_record["finetune"] = section
-    if record.get("evaluation"):
-        out_record["evaluation_before_finetune"] = record["evaluation"]
-    out_record["evaluation"] = {"wikitext2": after}
-    section["total_seconds"] = time.perf_counter() - t0
-    merged = merged.to(storage)
-    merged.config.use_cache = True
-    saved = save_pruned(merged, tok, target, out_record, overwrite=overwrite)
-    work.remove()
-    log.info("wikitext2 ppl %.3f -> %.3f (%d windows of %d), saved to %s", before["ppl"], after["ppl"],
-             after["windows"], eval_seqlen, saved)
-    return FinetuneResult(saved, before["ppl"], after["ppl"], out_record)
+    return merged
 
 
 def _peft_version() -> str | None:
