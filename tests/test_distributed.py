@@ -35,31 +35,43 @@ def _torchrun(*extra: str, procs: int = 2) -> list[str]:
 
 
 def _agreement(a: Path, b: Path) -> dict[str, float]:
+    """Per pruned matrix: the fraction of weights whose kept/pruned state is the same in both folders."""
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return {k: float(((wa[k] == 0) == (wb[k] == 0)).float().mean()) for k in wa if k.endswith("proj.weight")}
 
 
+# Statistics that combine exactly over the ranks (running means and sums: SparseGPT's Hessian, Wanda's
+# squared norms, the normalized D2Prune means, Pruner-Zero's summed squared gradients) give the masks of
+# one process: every layer's mask is asserted equal, weight for weight. The floats differ only by the
+# order of the additions, far below the gaps between the scores a mask is chosen from. With a statistic
+# left un-merged a rank chooses from half the samples and no layer's mask is the same (tested by
+# disabling the all-reduce: mean agreement 0.983 sparsegpt, 0.978 wanda 2:4, 0.983 normalized, 0.936
+# pruner-zero).
 @pytest.mark.parametrize("method", [["--method", "sparsegpt"], ["--method", "wanda", "--sparsity", "2:4"],
-                                    ["--method", "d2prune", "--frozen", "k", "--variant", "normalized"]])
+                                    ["--method", "d2prune", "--frozen", "k", "--variant", "normalized"],
+                                    ["--method", "pruner-zero"]])
 def test_two_processes_give_the_masks_of_one(tmp_path, method):
     _one(tmp_path / "one", *method)
     subprocess.run(_torchrun(*method, "--out", str(tmp_path / "two")), check=True, env=ENV, timeout=600)
     agree = _agreement(tmp_path / "one", tmp_path / "two")
-    assert len(agree) == 35 and min(agree.values()) >= 0.999, agree
+    assert len(agree) == 35 and all(v == 1.0 for v in agree.values()), {k: v for k, v in agree.items() if v < 1}
     rec = json.loads((tmp_path / "two" / "d2prune.json").read_text())
-    assert rec["sparsity"] == pytest.approx(json.loads((tmp_path / "one" / "d2prune.json").read_text())["sparsity"])
+    assert rec["sparsity"] == json.loads((tmp_path / "one" / "d2prune.json").read_text())["sparsity"]
 
 
 def test_faithful_variant_is_close_to_one_process(tmp_path):
     """faithful's index-weighted buffers are merged as means: not the single
-    process's numbers, measured here (docs/scale.md §4)."""
+    process's numbers, so not its masks either; measured here (docs/scale.md
+    §4): per layer min 0.9973, mean 0.99984 of the weights agree. With the
+    statistics left un-merged (each rank choosing from its 4 samples) min
+    0.951, mean 0.983: the bounds below tell the two apart."""
     method = ["--method", "d2prune", "--frozen", "k"]
     _one(tmp_path / "one", *method)
     subprocess.run(_torchrun(*method, "--out", str(tmp_path / "two")), check=True, env=ENV, timeout=600)
     agree = _agreement(tmp_path / "one", tmp_path / "two")
     print("faithful mask agreement per layer: min %.5f mean %.5f" % (min(agree.values()),
                                                                    sum(agree.values()) / len(agree)))
-    assert sum(agree.values()) / len(agree) >= 0.95
+    assert min(agree.values()) >= 0.99 and sum(agree.values()) / len(agree) >= 0.999
 
 
 def test_a_dead_rank_ends_the_job_and_the_work_folder_resumes(tmp_path):
