@@ -122,6 +122,15 @@ def merge(obj, fields: dict[str, str]) -> None:
     obj.n = int(total)
 
 
+def sum_(tensors: Iterable[Tensor]) -> None:
+    """Sum tensors over the ranks, in place (every rank passes the same
+    tensors in the same order)."""
+    if not active():
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+
+
 def broadcast_(tensors: Iterable[Tensor]) -> None:
     """Rank 0's values into every rank's tensors (pruned weights)."""
     if not active():

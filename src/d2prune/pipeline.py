@@ -188,6 +188,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                     "config": to_dict(config), "calibration": tensor_digest(calib),
                     "heldout": tensor_digest(heldout) if heldout is not None else "",
                     "dtype": str(opened.storage_dtype), "compute_dtype": str(opened.source.compute_dtype),
+                    # a torchrun job's statistics are merged over its processes: resumed by as many
+                    "world_size": distributed.world(),
                     "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
         main = out is None or distributed.is_main()  # in a torchrun job rank 0 writes, the others read its folder
         work = WorkFolder(out, identity, restart, writer=main) if out is not None else \

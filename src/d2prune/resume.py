@@ -5,10 +5,11 @@ fsync, rename), the block's pruned weights in their storage dtype
 (``block-00007.safetensors``) and then ``state.json`` (the next block, the
 report rows so far, the method's per-block choices, and the run's identity).
 Rerunning the same command finds the folder, checks that the identity is the
-same (model files, calibration tokens, configuration, library versions) and
-continues: the finished blocks' weights are put back and only run forward to
-recompute the activations of the next block (bit-identical, since the saved
-weights are exactly what the interrupted run propagated with; see
+same (model files, calibration tokens, configuration, library versions, the
+number of torchrun processes) and continues: the finished blocks' weights
+are put back and only run forward to recompute the activations of the next
+block (bit-identical, since the saved weights are exactly what the
+interrupted run propagated with; see
 :func:`d2prune.modeling.set_weight_matrix`). A successful run removes the folder.
 
 Nothing here deletes a folder the tool did not write: the work folder carries
@@ -47,6 +48,10 @@ def files_digest(paths: list[Path]) -> str:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)};".encode())
     return h.hexdigest()[:16]
+
+
+def _processes(n) -> str:
+    return f"{n} process" + ("" if n == 1 else "es")
 
 
 def _no_space(e: BaseException) -> bool:
@@ -105,13 +110,25 @@ class WorkFolder:
         state_file = self.path / STATE_NAME
         if self.path.exists() and self.restart and self.writer:
             self.remove()
-        if state_file.is_file():
+        # another rank of a torchrun job never looks at a folder that rank 0 discards: it may be read before
+        # rank 0 has removed it, and another run's identity there would stop this rank alone
+        if state_file.is_file() and not (self.restart and not self.writer):
             try:
                 state = json.loads(state_file.read_text())
             except ValueError as e:
                 raise D2PruneError(f"{state_file} is corrupt ({e}): rerun with --restart to start over") from e
             diff = [k for k in sorted(set(self.identity) | set(state.get("identity", {})))
                     if self.identity.get(k) != state.get("identity", {}).get(k)]
+            saved_world = state.get("identity", {}).get("world_size")
+            if "world_size" in diff and saved_world is not None:  # said first: the command alone does not show it
+                others = ", ".join(k for k in diff if k != "world_size")
+                others = f" with another {others}" if others else ""
+                how = "as one process (no torchrun)" if saved_world == 1 else f"under torchrun --nproc-per-node {saved_world}"
+                raise D2PruneError(
+                    f"{self.path} holds an interrupted run of {_processes(saved_world)}{others}; this run has "
+                    f"{_processes(self.identity.get('world_size'))}: resume it with its own command {how}, or pass "
+                    "--restart to discard it"
+                )
             if diff:
                 raise D2PruneError(
                     f"{self.path} holds an interrupted run with another {', '.join(diff)}: rerun its own command to "
@@ -119,8 +136,6 @@ class WorkFolder:
                 )
             self.state = state
             start = int(state["next_block"])
-            if self.restart and not self.writer:
-                start = 0
             if 0 < start < n_blocks:
                 log.info("resuming from block %d/%d (%d finished blocks in %s)", start + 1, n_blocks, start, self.path)
             return start

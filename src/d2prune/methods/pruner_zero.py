@@ -11,6 +11,9 @@ optimizer in the loop; we never step). Memory: the model on the device, one
 sample's activations and autograd graph, and an fp32 buffer of ``G^2`` per
 pruned weight (4 bytes per weight); each ``.grad`` is folded into ``G^2`` and
 freed as soon as it is accumulated, so no full set of gradients is held.
+Under torchrun each rank takes the gradients of its own samples and the
+sums of squares are summed over the ranks before the square root, so ``G``
+is that of all the samples.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import PrunerZeroConfig
 from ..engine import check_finite
 from ..errors import D2PruneError
@@ -76,10 +80,13 @@ def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) 
             p.requires_grad_(f)
             p.grad = None
         model.to(home)
-    out = {}
-    for name, m in targets.items():
+    for name in targets:  # the same on every rank of a torchrun job (same model): all raise or none
         if name not in sq:
             raise D2PruneError(f"{name} received no gradient from the language-modelling loss: Pruner-Zero cannot score it")
+    # torchrun: each rank summed the squares over its own samples; G is over all of them
+    distributed.sum_(sq[name] for name in targets)
+    out = {}
+    for name, m in targets.items():
         out[name] = to_matrix(m, sq[name].sqrt()).contiguous()  # laid out like m.weight: as the weight matrix
     return out
 
