@@ -246,3 +246,120 @@ def test_old_transformers_refuses_instead_of_loading_random_weights(tmp_path, mo
         AutoModelForCausalLM.from_pretrained(str(tmp_path / "comp"))
     ref, own = AutoModelForCausalLM.from_pretrained(str(dense)).state_dict(), d2prune.from_pretrained(tmp_path / "comp").state_dict()
     assert all(_bits_equal(ref[k], own[k]) for k in ref)
+
+
+# --------------------------------------------------------------------------- checksums (issue 17)
+def _tiny_compressed(tmp: Path) -> tuple[torch.nn.Module, Path]:
+    """A tiny Qwen2 (biased q/k/v) with half of its block weights zeroed, saved and compressed."""
+    from conftest import tiny_model
+    from d2prune.compress import compress_folder
+
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 2 and ".layers." in n:
+                p[torch.rand(p.shape, generator=g) < 0.5] = 0.0
+    model.save_pretrained(tmp / "dense")
+    compress_folder(tmp / "dense", tmp / "comp")
+    return model, tmp / "comp"
+
+
+def _flip_byte(folder: Path, name: str) -> None:
+    """Invert one byte in the middle of tensor ``name``'s data (not the header)."""
+    (shard,) = folder.glob("model-*.safetensors")
+    raw = bytearray(shard.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    raw[8 + n + (begin + end) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+def _load_paths(folder: Path) -> dict:
+    """Every way a compressed folder is read: transformers' registered
+    quantizer, d2prune.from_pretrained and the streamed (block-by-block) reader."""
+    from transformers import AutoModelForCausalLM
+
+    import d2prune
+    from d2prune.streaming import CompressedReader
+
+    def streamed():
+        reader = CompressedReader(folder)
+        return reader.get_many(list(reader.files))
+
+    return {"transformers": lambda: AutoModelForCausalLM.from_pretrained(str(folder)).state_dict(),
+            "d2prune": lambda: d2prune.from_pretrained(folder).state_dict(), "streamed": streamed}
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.self_attn.q_proj.weight_values",  # a compressed matrix's values
+                                  "model.layers.2.mlp.down_proj.weight_bitmask",  # ... and its mask
+                                  "model.layers.0.self_attn.k_proj.bias",  # never seen by the dequantize operation
+                                  "model.norm.weight"])  # stored dense
+def test_flipped_byte_is_a_one_line_error_on_every_load_path(tmp_path, name):
+    """A byte flipped inside a shard's tensor data is refused on every load
+    path with one line naming the tensor, the shard and what to do, instead of
+    loading wrong weights."""
+    import shutil
+
+    from d2prune import D2PruneError
+
+    model, comp = _tiny_compressed(tmp_path)
+    quant = json.loads((comp / "config.json").read_text())["quantization_config"]
+    assert quant["checksum"] == "crc32"
+    ref = model.state_dict()
+    for load in _load_paths(comp).values():  # the intact folder loads exactly
+        got = load()
+        assert all(_bits_equal(got[k], ref[k]) for k in ref if k in got)
+    bad = tmp_path / "bad"
+    shutil.copytree(comp, bad)
+    _flip_byte(bad, name)
+    for path, load in _load_paths(bad).items():
+        with pytest.raises(D2PruneError) as err:
+            load()
+        msg = str(err.value)
+        assert "\n" not in msg and f"tensor {name} fails its crc32 checksum" in msg, (path, msg)
+        assert "model-00001-of-00001.safetensors" in msg and "copy the folder again" in msg
+
+
+def test_folder_without_checksums_loads_and_a_stripped_shard_is_refused(tmp_path):
+    """A folder written before checksums (config.json names none) still loads,
+    unverified, to the same weights; a folder whose config promises checksums
+    but whose shard has none (replaced by an unchecked copy) is refused."""
+    from safetensors.torch import save_file
+
+    from d2prune import D2PruneError
+
+    model, comp = _tiny_compressed(tmp_path)
+    (shard,) = comp.glob("model-*.safetensors")
+    save_file(load_file(str(shard)), str(shard), metadata={"format": "pt"})  # the header of version-1 folders
+    for path, load in _load_paths(comp).items():
+        with pytest.raises(D2PruneError, match="no readable crc32 checksums in its header"):
+            load()
+    cfg = json.loads((comp / "config.json").read_text())
+    del cfg["quantization_config"]["checksum"]
+    (comp / "config.json").write_text(json.dumps(cfg))
+    ref = model.state_dict()
+    for path, load in _load_paths(comp).items():
+        got = load()
+        assert all(_bits_equal(got[k], ref[k]) for k in ref if k in got), path
+
+
+@needs_stories
+def test_cli_on_a_damaged_folder_is_one_line(tmp_path, capsys):
+    """The CLI reading a compressed folder with a flipped byte, streamed
+    (``prune --stream on``: the block-by-block reader) and in memory
+    (``eval``: transformers' quantizer): exit 2, one line."""
+    dense = _prune(tmp_path, str(STORIES), "0.5", "dense")
+    comp = tmp_path / "comp"
+    assert main(["-q", "compress", str(dense), str(comp)]) == 0
+    _flip_byte(comp, "model.layers.1.self_attn.q_proj.weight_values")
+    capsys.readouterr()
+    runs = (["prune", "--model", str(comp), "--stream", "on", "--method", "magnitude", "--sparsity", "0.6",
+             "--calib-file", str(C4), "--nsamples", "2", "--seqlen", "32", "--no-eval", "--out", str(tmp_path / "out")],
+            ["eval", "--model", str(comp), "--ppl", "--eval-file", str(WIKI), "--seqlen", "64", "--eval-windows", "1"])
+    for argv in runs:
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("d2prune: error: "), err
+        assert "tensor model.layers.1.self_attn.q_proj.weight_values fails its crc32 checksum" in err
+    assert not (tmp_path / "out").exists()

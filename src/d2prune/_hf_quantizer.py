@@ -12,6 +12,7 @@ again writes a dense checkpoint, never a mislabelled one). Imported lazily by
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .sparse_format import FORMAT, QUANT_METHOD, SUFFIXES, VERSION, decompress_matrix
+from .sparse_format import (FORMAT, QUANT_METHOD, SUFFIXES, VERSION, checksum, checksum_error, decompress_matrix,
+                            expected_checksums)
 
 # The quantizer relies on transformers' load operations ("dequantize" ops that
 # receive a module's serialized tensors), checked to decompress correctly on
@@ -40,16 +42,18 @@ def _version() -> tuple[int, int]:
 class D2PruneSparseConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config`` of a compressed folder."""
 
-    def __init__(self, format: str = FORMAT, version: int = VERSION, **kwargs: Any):
+    def __init__(self, format: str = FORMAT, version: int = VERSION, checksum: str | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.version = version
+        self.checksum = checksum  # None: a folder written before checksums
         self.dequantize = True  # the loaded model is dense: transformers removes this config after loading
         if version > VERSION:
             raise ValueError(f"{FORMAT} version {version} is newer than this d2prune reads ({VERSION}): upgrade d2prune")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": self.quant_method, "format": self.format, "version": self.version}
+        out = {"quant_method": self.quant_method, "format": self.format, "version": self.version}
+        return out if self.checksum is None else {**out, "checksum": self.checksum}
 
 
 class Decompress(ConversionOps):
@@ -60,9 +64,17 @@ class Decompress(ConversionOps):
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
 
+    def __deepcopy__(self, memo):
+        # transformers deep-copies a converter for every weight: the copies must
+        # report to the one quantizer that holds the checksums
+        return type(self)(self.hf_quantizer)
+
     def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
                 full_layer_name: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
         parts = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+        if full_layer_name and full_layer_name.endswith("weight"):  # the stored names: P.weight, P.weight_values, ...
+            prefix = full_layer_name[: -len("weight")]
+            self.hf_quantizer.verify({prefix + k: v for k, v in parts.items()})
         if "weight" in parts and len(parts) == 1:
             return {full_layer_name: parts["weight"]}
         stored = {k[len("weight"):]: v for k, v in parts.items() if k != "weight"}
@@ -87,10 +99,45 @@ class D2PruneSparseQuantizer(HfQuantizer):
                 f"from_pretrained (needs >= {'.'.join(map(str, MIN_TRANSFORMERS))}): load the folder with "
                 "d2prune.from_pretrained(folder), or upgrade transformers")
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        return model  # the model stays dense: the dequantize operation runs on every stored weight
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        """The model stays dense (the dequantize operation runs on every stored
+        weight). The shards' checksums are read here; the dequantize operation
+        checks every ``*.weight*`` tensor as it arrives, and the few it never
+        sees (biases, ...) are read and checked now."""
+        self.checksums: dict[str, str] = {}
+        self.shard_of: dict[str, Path] = {}
+        self.damaged: list[tuple[str, str, str]] = []
+        converted = set(self.serialized_names["weight"])
+        for f in checkpoint_files or ():
+            sums = expected_checksums(self.quantization_config, [f])
+            self.checksums.update(sums)
+            self.shard_of.update({n: Path(f) for n in sums})
+            others = [n for n in sums if n.rpartition(".")[2] not in converted]
+            if others:
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt") as sf:
+                    self.verify({n: sf.get_tensor(n) for n in others})
+                self._raise_if_damaged()
+        return model
+
+    def verify(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Note each of ``tensors`` (stored name -> tensor as stored) whose bytes
+        differ from its checksum. Raising inside a load operation would only be
+        logged by transformers (the weight left at its initialisation): the
+        error is raised once loading ends (:meth:`_process_model_after_weight_loading`)."""
+        for n, t in tensors.items():
+            want = self.checksums.get(n)
+            if want is not None and (got := checksum(t)) != want:
+                self.damaged.append((n, want, got))
+
+    def _raise_if_damaged(self) -> None:
+        if self.damaged:
+            n, want, got = self.damaged[0]
+            raise checksum_error(n, self.shard_of[n], want, got, more=len(self.damaged) - 1)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        self._raise_if_damaged()
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

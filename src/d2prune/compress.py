@@ -17,7 +17,8 @@ weight matrix ``P.weight`` (``[d_out, d_in]``) is stored instead as one of
   per weight in bf16 with the values, the layout sparse kernels consume).
 
 Plus ``P.weight_shape`` (int64 ``[2]``) and, for N:M, ``P.weight_nm``
-(``[k, m]``). A weight is "kept" when its bits are not all zero, so ``-0.0``
+(``[k, m]``). Each shard's header records the crc32 of every tensor in it,
+and every loader below verifies the bytes it reads against it. A weight is "kept" when its bits are not all zero, so ``-0.0``
 survives and the round trip is bit-identical in every dtype. A matrix is
 compressed only when that makes it smaller; every other tensor (embeddings,
 norms, a dense head) is written unchanged.
@@ -44,7 +45,8 @@ import torch
 from torch import Tensor
 
 from .errors import D2PruneError
-from .sparse_format import FORMAT, NM, QUANT_METHOD, VERSION, encode, is_compressed  # noqa: F401 - is_compressed re-exported
+from .sparse_format import (CHECKSUM, FORMAT, NM, QUANT_METHOD, VERSION, encode, is_compressed,  # noqa: F401 - is_compressed re-exported
+                            shard_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ def compress_weights(src: str | os.PathLike, dst: str | os.PathLike) -> Compress
         if not pending:
             return
         fname = f".shard-{len(tmp_names):05d}.safetensors"
-        save_file(pending, str(dst / fname), metadata={"format": "pt"})
+        save_file(pending, str(dst / fname), metadata=shard_metadata(pending))  # with every tensor's crc32
         tmp_names.append(fname)
         shards.append(list(pending))
         pending, pending_bytes = {}, 0
@@ -165,7 +167,8 @@ def compress_weights(src: str | os.PathLike, dst: str | os.PathLike) -> Compress
         weight_map.update({n: final for n in names})
     (dst / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": report.stored_bytes},
                                               "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "version": VERSION}
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "version": VERSION,
+                                     "checksum": CHECKSUM}
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log.info("%s", report.line())
     return report

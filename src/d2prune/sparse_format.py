@@ -5,12 +5,16 @@ transformers integration are in :mod:`d2prune.compress`; docs/deploy.md §1)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import zlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .errors import D2PruneError
 
 FORMAT = "d2prune-sparse"
 QUANT_METHOD = "d2prune_sparse"
@@ -20,7 +24,75 @@ NM, NM_VALUES, NM_INDICES = "_nm", "_nm_values", "_nm_indices"
 SUFFIXES = (SHAPE, BITMASK, VALUES, NM, NM_VALUES, NM_INDICES)
 NM_PATTERNS = ((2, 4), (4, 8))  # (kept, group) tried in this order: 2:4, then 4:8
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Every stored tensor's crc32 sits in its shard's safetensors header metadata
+# under CHECKSUM_KEY (a JSON object {tensor name: 8 hex digits}); config.json's
+# quantization_config names the digest ("checksum": "crc32"), so a shard that
+# lost its digests is refused rather than read unverified. crc32 detects
+# damage (flipped bytes, a torn copy), not deliberate tampering, and runs at
+# several GB/s (docs/deploy.md §1).
+CHECKSUM = "crc32"
+CHECKSUM_KEY = "d2prune_crc32"
 
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- checksums
+def checksum(t: Tensor) -> str:
+    """crc32 of the bytes safetensors stores for ``t`` (its elements,
+    contiguous, in the machine's little-endian order), as 8 hex digits."""
+    t = t.detach().to("cpu").contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    return f"{zlib.crc32(memoryview(data)):08x}"
+
+
+def shard_metadata(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """The safetensors header metadata of a compressed shard holding ``tensors``."""
+    return {"format": "pt", CHECKSUM_KEY: json.dumps({n: checksum(t) for n, t in tensors.items()}, sort_keys=True)}
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def expected_checksums(config: dict | object, files) -> dict[str, str]:
+    """``{stored tensor name: crc32}`` of a compressed checkpoint's shard
+    ``files``, read from their headers (no tensor data). ``config`` is the
+    ``quantization_config`` (a dict or transformers' config object). A folder
+    written before checksums (its config names none) gives ``{}`` and loads
+    unverified; one that names them but has a shard without them, or a
+    tensor missing from its shard's list, is refused."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    algo = get("checksum")
+    if algo is None:
+        log.debug("%s: written before d2prune recorded checksums: its tensors are loaded unverified",
+                  Path(next(iter(files), ".")).parent)
+        return {}
+    if algo != CHECKSUM:
+        raise D2PruneError(f"{FORMAT} checksum {algo!r} is not one this d2prune knows ({CHECKSUM}): upgrade d2prune")
+    out: dict[str, str] = {}
+    for path in sorted({Path(f) for f in files}):
+        try:
+            header = _header(path)
+            sums = json.loads((header.get("__metadata__") or {})[CHECKSUM_KEY])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise D2PruneError(f"{path}: no readable {CHECKSUM} checksums in its header although config.json says "
+                               f"the folder has them ({type(e).__name__}): the shard is damaged or was replaced; "
+                               "copy the folder again or re-create it (d2prune compress)") from e
+        unlisted = [n for n in header if n != "__metadata__" and n not in sums]
+        if unlisted:
+            raise D2PruneError(f"{path}: tensor {unlisted[0]} has no checksum in its shard: the shard is damaged "
+                               "or was replaced; copy the folder again or re-create it (d2prune compress)")
+        out.update(sums)
+    return out
+
+
+def checksum_error(name: str, path: str | os.PathLike, want: str, got: str, more: int = 0):
+    """The one-line error of a tensor whose bytes do not match its checksum."""
+    others = f" (and {more} more tensors)" if more else ""
+    return D2PruneError(f"{path}: tensor {name} fails its {CHECKSUM} checksum (stored {want}, read {got}){others}: "
+                        "the file is damaged; copy the folder again or re-create it (d2prune compress)")
 
 
 # --------------------------------------------------------------------------- bits

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from .engine import BlockSource, outside_on_device, place_params
 from .errors import D2PruneError, first_line
 from .modeling import STORAGE_DTYPE, all_finite, Blocks, compute_dtype_for, find_blocks
-from .sparse_format import NM_VALUES, SHAPE, VALUES, compressed_names, decompress_matrix, is_compressed
+from .sparse_format import (NM_VALUES, SHAPE, VALUES, checksum, checksum_error, compressed_names, decompress_matrix,
+                            expected_checksums, is_compressed)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,9 @@ class CheckpointReader:
 class CompressedReader(CheckpointReader):
     """A :class:`~d2prune.streaming.CheckpointReader` over a compressed folder
     that answers in dense tensors: ``P.weight`` is decompressed from its stored
-    parts when asked for (the streamed, block-by-block path reads this way)."""
+    parts when asked for (the streamed, block-by-block path reads this way).
+    Every stored tensor read is checked against the crc32 its shard records
+    (:func:`~d2prune.sparse_format.expected_checksums`)."""
 
     def __init__(self, folder: str | os.PathLike):
         super().__init__(folder)
@@ -166,10 +169,19 @@ class CompressedReader(CheckpointReader):
         self.files = {n: f for n, f in self.stored.items() if n not in part_names}
         for base, parts in self.parts.items():
             self.files[base] = self.stored[parts[SHAPE]]
+        quant = json.loads((self.folder / "config.json").read_text()).get("quantization_config") or {}
+        self.checksums = expected_checksums(quant, set(self.stored.values()))  # stored name -> crc32
+
+    def _verified(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        for n, t in tensors.items():
+            want = self.checksums.get(n)
+            if want is not None and (got := checksum(t)) != want:
+                raise checksum_error(n, self.stored[n], want, got)
+        return tensors
 
     def get_many(self, names) -> dict[str, Tensor]:
         names = list(names)
-        out = super().get_many([n for n in names if n not in self.parts])
+        out = self._verified(super().get_many([n for n in names if n not in self.parts]))
         for n in names:
             if n in self.parts:
                 parts = self.parts[n]
@@ -178,16 +190,18 @@ class CompressedReader(CheckpointReader):
                     by_file.setdefault(self.stored[stored], []).append(stored)
                 got = {}
                 for path, ns in by_file.items():
-                    got.update(read_safetensors(path, ns))
+                    got.update(self._verified(read_safetensors(path, ns)))
                 out[n] = decompress_matrix({s: got[stored] for s, stored in parts.items()})
         return out
 
     def add(self, path: str | os.PathLike) -> None:
-        """A finished (dense) block shard replaces the compressed parts of its tensors."""
+        """A finished (dense) block shard replaces the compressed parts of its
+        tensors (written by this run: not checked against the input's checksums)."""
         super().add(path)
         for n, f in self.files.items():
             if f == Path(path):
                 self.parts.pop(n, None)
+                self.checksums.pop(n, None)
 
     def dtypes(self) -> dict[str, torch.dtype]:
         from safetensors import safe_open
