@@ -26,9 +26,9 @@ import torch
 
 from d2prune import PruneConfig, load_model, perplexity, prune, sample_calibration
 from d2prune.config import method_label
-from d2prune.data import calibration_texts, heldout_windows
-from d2prune.engine import propagate, run_block, sequential
-from d2prune.modeling import pick_device
+from d2prune.io.data import calibration_texts, heldout_windows
+from d2prune.engine.sequential import propagate, run_block, sequential
+from d2prune.io.modeling import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_C4 = ROOT.parent / "shared" / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
     windows = None
     if args.eval_windows:
-        from d2prune.data import SHARED_WIKI, eval_text, eval_windows, find_shared_data
+        from d2prune.io.data import SHARED_WIKI, eval_text, eval_windows, find_shared_data
 
         windows = eval_windows(tok, eval_text("wikitext2", str(find_shared_data() / SHARED_WIKI)), args.seqlen)
         windows = windows[:args.eval_windows]

@@ -60,7 +60,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import d2prune  # noqa: F401 - registers the format
-    from d2prune.modeling import default_model_source
+    from d2prune.io.modeling import default_model_source
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsities", default="0.5,0.7,2:4")

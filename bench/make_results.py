@@ -59,7 +59,7 @@ QUICK = {
 def sweeps(sizes: dict, out: Path) -> list[dict]:
     from d2prune.pipeline import DataConfig
     from d2prune.sweep import SweepConfig, read_rows, run_sweep, split_methods, split_sparsities, write_outputs
-    from d2prune.zeroshot import DEFAULT_BATCH_SIZE
+    from d2prune.evaluation.zeroshot import DEFAULT_BATCH_SIZE
 
     for label, sz in sizes.items():
         data = DataConfig(calib_file=str(C4), nsamples=sz["nsamples"], seqlen=sz["seqlen"], eval_file=str(WIKI),

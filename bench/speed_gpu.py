@@ -4,7 +4,7 @@ Builds, directly on the GPU, a LLaMA model with LLaMA-2-7B's block shapes
 (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000) but only a few
 blocks (default 2), random weights in bf16 pruned to a real 2:4 pattern by
 magnitude (2 smallest |w| of every 4 consecutive inputs), and runs the
-measurement of ``d2prune speed --device cuda`` on it (``d2prune.speed.measure_cuda``):
+measurement of ``d2prune speed --device cuda`` on it (``d2prune.deploy.speed.measure_cuda``):
 per-shape GEMM dense vs 2:4, prefill and decode tokens/s, logits check.
 Random weights time the same kernels as trained ones (a GEMM's cost does not
 depend on the values), and no checkpoint is needed. About 1-2 minutes on an H100.
@@ -24,9 +24,9 @@ import time
 import torch
 from torch import nn
 
-from d2prune.masks import nm_mask
-from d2prune.modeling import set_weight_matrix, weight_matrix
-from d2prune.speed import (TimingConfig, block_linears, check_cuda_device, cuda_tables, machine_info, machine_line,
+from d2prune.ops.masks import nm_mask
+from d2prune.io.modeling import set_weight_matrix, weight_matrix
+from d2prune.deploy.speed import (TimingConfig, block_linears, check_cuda_device, cuda_tables, machine_info, machine_line,
                            measure_cuda)
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,

@@ -55,7 +55,7 @@ def train_vit(out: str | Path, train_dir: str | Path, epochs: int = 30, seed: in
     ``train_dir`` and save it with its processor in ``out``."""
     import transformers
 
-    from d2prune.vision import image_folder, pixel_values
+    from d2prune.evaluation.vision import image_folder, pixel_values
 
     torch.manual_seed(seed)
     folder = image_folder(train_dir)

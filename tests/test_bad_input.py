@@ -327,7 +327,7 @@ def test_non_causal_models_refused_before_loading(tmp_path, capsys, no_weights, 
 
 
 def test_bert_configured_as_decoder_is_causal(tmp_path):
-    from d2prune.modeling import resolve_source
+    from d2prune.io.modeling import resolve_source
 
     folder = _tiny_bert(tmp_path / "decoder", "BertLMHeadModel", is_decoder=True)
     assert resolve_source(str(folder)).path == str(folder)
@@ -401,7 +401,7 @@ def test_save_killed_outright_is_cleaned_up_by_the_next_run(tmp_path, capsys):
     """A real SIGKILL in the middle of writing the weights, then the same command again."""
     script = f"""
 import os, signal
-from d2prune.save import save_pruned
+from d2prune.io.save import save_pruned
 def write(folder):
     (folder / "model-00001.safetensors").write_bytes(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -418,7 +418,7 @@ save_pruned(None, None, {str(tmp_path / 'out')!r}, {{}}, write_weights=write)
 def test_killed_swap_restores_the_previous_output(tmp_path):
     """Killed after the old output was moved aside and before the new one was in place: the next
     run puts the user's previous output back rather than deleting it."""
-    from d2prune.save import reclaim_stale
+    from d2prune.io.save import reclaim_stale
 
     old = _leftover(tmp_path, ".out.old-k1ll3d", _dead_pid())
     (old / "x").mkdir()
@@ -458,7 +458,7 @@ def test_interrupt_during_the_save_leaves_nothing(tmp_path, capsys, monkeypatch)
 
 
 def test_interrupt_during_the_swap_waits_for_its_end():
-    from d2prune.save import sigint_deferred
+    from d2prune.io.save import sigint_deferred
 
     steps = []
     with pytest.raises(KeyboardInterrupt):
@@ -584,7 +584,7 @@ def test_quiet_before_or_after_the_subcommand(argv):
 
 @pytest.fixture
 def fake_zero_shot(monkeypatch):
-    import d2prune.zeroshot as zeroshot
+    import d2prune.evaluation.zeroshot as zeroshot
 
     calls = []
 

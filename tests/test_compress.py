@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import C4, STORIES, WIKI
 from d2prune.cli import main
-from d2prune.sparse_format import compress_matrix, decompress_matrix, encode, nm_pattern, pack_bits, unpack_bits
+from d2prune.io.sparse_format import compress_matrix, decompress_matrix, encode, nm_pattern, pack_bits, unpack_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -177,7 +177,7 @@ def test_streamed_reader_of_a_compressed_folder(tmp_path):
     """The block-by-block path reads a compressed folder as the dense one
     (:class:`CompressedReader`), and a streamed prune of it saves what the
     streamed prune of the dense folder saves, as a dense checkpoint."""
-    from d2prune.streaming import CheckpointReader, CompressedReader, load_streamed
+    from d2prune.io.streaming import CheckpointReader, CompressedReader, load_streamed
 
     dense = _prune(tmp_path, str(STORIES), "0.5", "dense")
     assert main(["-q", "compress", str(dense), str(tmp_path / "comp")]) == 0
@@ -252,7 +252,7 @@ def test_old_transformers_refuses_instead_of_loading_random_weights(tmp_path, mo
 def _tiny_compressed(tmp: Path) -> tuple[torch.nn.Module, Path]:
     """A tiny Qwen2 (biased q/k/v) with half of its block weights zeroed, saved and compressed."""
     from conftest import tiny_model
-    from d2prune.compress import compress_folder
+    from d2prune.deploy.compress import compress_folder
 
     model = tiny_model("qwen2")
     g = torch.Generator().manual_seed(0)
@@ -281,7 +281,7 @@ def _load_paths(folder: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     import d2prune
-    from d2prune.streaming import CompressedReader
+    from d2prune.io.streaming import CompressedReader
 
     def streamed():
         reader = CompressedReader(folder)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_model
 from d2prune import PruneConfig, find_blocks, find_prunable, prune
-from d2prune.engine import sequential_logits
-from d2prune.modeling import weight_matrix
+from d2prune.engine.sequential import sequential_logits
+from d2prune.io.modeling import weight_matrix
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")

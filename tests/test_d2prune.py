@@ -11,10 +11,10 @@ import torch
 
 from conftest import WIKI, forward_calls, needs_shared, tiny_model
 from d2prune import PruneConfig, Sparsity, eval_windows, eval_text, find_blocks, find_prunable, perplexity, prune
-from d2prune.config import D2PruneConfig
-from d2prune.diagnostics import attention_diff
-from d2prune.methods.d2prune import d2_sparsegpt_score, d2_wanda_score
-from d2prune.modeling import weight_matrix
+from d2prune import D2PruneConfig
+from d2prune.evaluation.diagnostics import attention_diff
+from d2prune.methods.d2prune.method import d2_sparsegpt_score, d2_wanda_score
+from d2prune.io.modeling import weight_matrix
 from test_sparsegpt import textbook_obs
 
 CPU = torch.device("cpu")
@@ -115,7 +115,7 @@ def test_paper_and_faithful_differ_only_in_d2_wanda(stories, stories_calib):
 def test_normalized_is_sample_order_invariant(stories, stories_calib, block0_io):
     """normalized statistics do not depend on the order of the samples; the
     faithful (index-weighted) ones do."""
-    from d2prune.methods.d2prune import InputNormIW, InputNormMean, OutputNorm
+    from d2prune.methods.d2prune.method import InputNormIW, InputNormMean, OutputNorm
 
     X, Y = block0_io["self_attn.k_proj"]
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(3)).tolist()
@@ -146,7 +146,7 @@ def test_normalized_is_sample_order_invariant(stories, stories_calib, block0_io)
 # --------------------------------------------------------------------------- choosing the frozen projection
 @needs_shared
 def test_auto_picks_lowest_heldout_and_equals_fixed_run(stories, stories_calib, c4_docs):
-    from d2prune.data import heldout_windows, sample_calibration
+    from d2prune.io.data import heldout_windows, sample_calibration
 
     used: set[int] = set()
     calib = sample_calibration(stories[1], c4_docs, 16, 128, 0, used)
@@ -177,7 +177,7 @@ def test_per_layer_records_choice_per_block(stories, stories_calib):
             assert math.isclose(obj[c], rec["block_error"][c] + 1.0 * rec["attention_kl"][c], rel_tol=1e-9)
     # block 0's weights equal a fixed run with block 0's choice (same inputs;
     # per-layer runs eager attention to read the probabilities, so does this run)
-    from d2prune.modeling import eager_attention
+    from d2prune.io.modeling import eager_attention
 
     with eager_attention(stories[0]):
         fixed, _ = _pruned_d2(stories, stories_calib[:8], per_block["0"]["frozen"], "faithful")

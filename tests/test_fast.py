@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from d2prune import PruneConfig, perplexity, prune
-from d2prune.engine import BlockCall, BlockInputs, sample_batches
+from d2prune.engine.sequential import BlockCall, BlockInputs, sample_batches
 
 from conftest import needs_shared
 
@@ -51,7 +51,7 @@ def test_fast_mode_keeps_quality(stories, stories_calib, method):
 def test_index_weighted_buffers_batch_like_one_sample_steps(rescaled):
     """D²Prune-faithful's running buffers (``buf *= n/(n+1); buf += t``) fed
     a batch under --fast end where the reference's one-sample steps end."""
-    from d2prune.methods.d2prune import InputNormIW, OutputNorm, ScaledInputNormIW
+    from d2prune.methods.d2prune.method import InputNormIW, OutputNorm, ScaledInputNormIW
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(11, 7, 5, generator=g, dtype=torch.float64).float()

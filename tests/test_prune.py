@@ -12,7 +12,7 @@ import torch
 
 from conftest import WIKI, needs_shared
 from d2prune import PruneConfig, eval_text, eval_windows, find_blocks, find_prunable, perplexity, prune, save_pruned
-from d2prune.modeling import weight_matrix
+from d2prune.io.modeling import weight_matrix
 
 pytestmark = needs_shared
 

@@ -9,10 +9,10 @@ import torch
 
 from conftest import tiny_model
 from d2prune import PruneConfig, Sparsity, find_blocks, find_prunable, prune
-from d2prune.config import PrunerZeroConfig
-from d2prune.masks import row_mask
+from d2prune import PrunerZeroConfig
+from d2prune.ops.masks import row_mask
 from d2prune.methods.pruner_zero import PrunerZero
-from d2prune.modeling import Conv1D, weight_matrix
+from d2prune.io.modeling import Conv1D, weight_matrix
 
 CPU = torch.device("cpu")
 

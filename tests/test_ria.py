@@ -11,7 +11,7 @@ from d2prune import D2PruneError, PruneConfig, find_prunable, prune
 from d2prune.cli import build_parser, method_options
 from d2prune.config import method_config, method_label, parse_method_spec
 from d2prune.methods.ria import RIAConfig, ria_score
-from d2prune.modeling import weight_matrix
+from d2prune.io.modeling import weight_matrix
 
 
 def block0_inputs(model, calib) -> dict[str, list[torch.Tensor]]:

@@ -112,7 +112,7 @@ class _Crash(Exception):
 
 @pytest.mark.parametrize("frozen", ["outlier", "auto", "per-layer"])
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog, frozen):
-    import d2prune.resume as resume
+    import d2prune.io.resume as resume
 
     args = ["--method", "d2prune", "--frozen", frozen, "--heldout-windows", "2", "--stream", "off"]
     whole = _prune(STORIES, tmp_path / "whole", *args)
@@ -150,7 +150,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog, fr
 
 
 def test_changed_run_refuses_to_resume(tmp_path):
-    from d2prune.resume import WorkFolder
+    from d2prune.io.resume import WorkFolder
 
     w = WorkFolder(tmp_path / "out", {"config": {"sparsity": 0.5}, "calibration": "abc"})
     assert w.begin(5) == 0
@@ -162,7 +162,7 @@ def test_changed_run_refuses_to_resume(tmp_path):
 
 
 def test_a_folder_we_did_not_write_is_never_used(tmp_path):
-    from d2prune.resume import WorkFolder
+    from d2prune.io.resume import WorkFolder
 
     (tmp_path / ".out.work").mkdir()
     (tmp_path / ".out.work" / "mine.txt").write_text("user data")
@@ -253,8 +253,8 @@ def test_half_checkpoint_computes_like_its_fp32_copy(stories_bf16):
     weights loaded as fp32."""
     from transformers import AutoModelForCausalLM
 
-    from d2prune.engine import BlockSource, sequential_logits
-    from d2prune.modeling import find_blocks
+    from d2prune.engine.sequential import BlockSource, sequential_logits
+    from d2prune.io.modeling import find_blocks
 
     half = AutoModelForCausalLM.from_pretrained(stories_bf16, dtype=torch.bfloat16)
     full = AutoModelForCausalLM.from_pretrained(stories_bf16, dtype=torch.float32)
@@ -276,7 +276,7 @@ def test_pruner_zero_refuses_streamed_blocks(tmp_path, capsys):
 def test_eval_ppl_streams_a_model_that_does_not_fit(tmp_path, stories_bf16, monkeypatch, capsys):
     """`d2prune eval --ppl` on a model larger than the RAM share runs block by
     block from disk and gives the perplexity the prune recorded."""
-    import d2prune.streaming as streaming
+    import d2prune.io.streaming as streaming
 
     rec = _prune(stories_bf16, tmp_path / "st", "--method", "wanda", "--stream", "on")
     monkeypatch.setattr(streaming, "STREAM_RAM_SHARE", 0.0)  # everything counts as too large: streamed

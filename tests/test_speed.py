@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from d2prune.errors import D2PruneError
-from d2prune.masks import lowest_per_row, nm_mask
-from d2prune.modeling import weight_matrix
-from d2prune.speed import (CSRLinear, TimingConfig, block_linears, check_2to4, compare_logits, cuda_capable,
+from d2prune.ops.masks import lowest_per_row, nm_mask
+from d2prune.io.modeling import weight_matrix
+from d2prune.deploy.speed import (CSRLinear, TimingConfig, block_linears, check_2to4, compare_logits, cuda_capable,
                            measure_cpu, model_logits, nm_violation, random_sparse, swap_csr_, unique_shapes)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,10 +194,10 @@ def test_cli_bad_flags_are_one_line_exit_2(pruned_24_folder, capsys, flags, msg)
 
 
 def test_compressed_folder_loads_dense(pruned_24_folder, tmp_path):
-    compress = pytest.importorskip("d2prune.compress")
+    compress = pytest.importorskip("d2prune.deploy.compress")
     if not all(hasattr(compress, n) for n in ("compress_folder", "is_compressed", "from_pretrained")):
-        pytest.skip("d2prune.compress has no compressed-checkpoint loader yet")
-    from d2prune.speed import load_for_speed
+        pytest.skip("d2prune.deploy.compress has no compressed-checkpoint loader yet")
+    from d2prune.deploy.speed import load_for_speed
 
     out = tmp_path / "compressed"
     compress.compress_folder(pruned_24_folder, out)
@@ -228,7 +228,7 @@ def test_gpu_bench_script_cpu_parts():
 def test_semi_structured_swap_keeps_logits(dtype):
     from torch.sparse import SparseSemiStructuredTensor
 
-    from d2prune.speed import REL_TOLERANCE, swap_semi_structured_
+    from d2prune.deploy.speed import REL_TOLERANCE, swap_semi_structured_
 
     model = prune_(tiny_llama(), "2:4").to("cuda", dtype)
     ids = torch.randint(0, 256, (2, 32), device="cuda")
@@ -243,7 +243,7 @@ def test_semi_structured_swap_keeps_logits(dtype):
 
 @needs_sm80
 def test_gemm_and_model_timings_are_positive():
-    from d2prune.speed import measure_cuda
+    from d2prune.deploy.speed import measure_cuda
 
     model = prune_(tiny_llama(), "2:4")
     res = measure_cuda(model, [1, 2], [16], torch.float16, TimingConfig(min_run_time=0.01))
@@ -257,7 +257,7 @@ def test_gemm_and_model_timings_are_positive():
 
 @needs_sm80
 def test_cuda_refuses_a_model_that_is_not_24():
-    from d2prune.speed import measure_cuda
+    from d2prune.deploy.speed import measure_cuda
 
     with pytest.raises(D2PruneError, match=r"model\.layers\.0\.self_attn\.q_proj is not 2:4"):
         measure_cuda(prune_(tiny_llama(), "0.5"), [1], [16], torch.float16, TimingConfig(min_run_time=0.01))

@@ -14,7 +14,7 @@ from conftest import STORIES, needs_shared
 from d2prune import PruneConfig, find_blocks, find_prunable, prune
 from d2prune.cli import main
 from d2prune.config import method_config
-from d2prune.engine import sequential_logits
+from d2prune.engine.sequential import sequential_logits
 
 CPU = torch.device("cpu")
 
@@ -101,7 +101,7 @@ def test_heldout_images_need_labels():
 
 def test_image_folder_labels(tmp_path):
     from d2prune import D2PruneError
-    from d2prune.vision import image_folder
+    from d2prune.evaluation.vision import image_folder
 
     from PIL import Image
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SHARED, needs_shared
 from d2prune import PruneConfig, prune, save_pruned
-from d2prune.zeroshot import STANDARD_TASKS, evaluate_zero_shot, write_task_configs
+from d2prune.evaluation.zeroshot import STANDARD_TASKS, evaluate_zero_shot, write_task_configs
 
 pytestmark = needs_shared
 DATA = SHARED / "data" / "zeroshot"

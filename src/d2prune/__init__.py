@@ -7,15 +7,19 @@
 """
 
 
-from .compress import compress_folder, from_pretrained, is_compressed, register_with_transformers
-from .config import (D2PruneConfig, MagnitudeConfig, MethodConfig, PruneConfig, PrunerZeroConfig, SparseGPTConfig,
-                     Sparsity, WandaConfig, parse_method_spec)
-from .data import eval_text, eval_windows, read_texts, sample_calibration
+from .deploy.compress import compress_folder, from_pretrained, is_compressed, register_with_transformers
+from .config import MethodConfig, PruneConfig, Sparsity, parse_method_spec
+from .methods.d2prune import D2PruneConfig
+from .methods.magnitude import MagnitudeConfig
+from .methods.pruner_zero import PrunerZeroConfig
+from .methods.sparsegpt import SparseGPTConfig
+from .methods.wanda import WandaConfig
+from .io.data import eval_text, eval_windows, read_texts, sample_calibration
 from .errors import D2PruneError
-from .evaluate import PerplexityResult, perplexity
-from .modeling import find_blocks, find_prunable, load_model
+from .evaluation.perplexity import PerplexityResult, perplexity
+from .io.modeling import find_blocks, find_prunable, load_model
 from .pruning import LayerReport, PruneReport, prune
-from .save import save_pruned
+from .io.save import save_pruned
 
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from pathlib import Path
 from .config import METHOD_CONFIGS, MethodConfig, PruneConfig, method_config, method_fields
 from .errors import D2PruneError, UnknownOptionError
 from .pipeline import DataConfig
-from .zeroshot import DEFAULT_BATCH_SIZE
+from .evaluation.zeroshot import DEFAULT_BATCH_SIZE
 
 
 def _int_or_none(v: str) -> int | None:
@@ -244,7 +244,7 @@ def add_compress_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    from .speed import add_arguments
+    from .deploy.speed import add_arguments
 
     add_arguments(p)
 
@@ -322,7 +322,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def zeroshot_options(args: argparse.Namespace) -> dict:
-    from .zeroshot import normalize_limit
+    from .evaluation.zeroshot import normalize_limit
 
     return {"tasks": args.tasks, "limit": normalize_limit(args.limit), "task_data": args.task_data, "batch_size": args.batch_size}
 
@@ -384,7 +384,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .zeroshot import STANDARD_TASKS, TASK_FILES, check_task_data, write_task_configs
+    from .evaluation.zeroshot import STANDARD_TASKS, TASK_FILES, check_task_data, write_task_configs
 
     out = write_task_configs(check_task_data(args.task_data, list(TASK_FILES)), args.out)
     print(f"wrote lm-eval task configs to {out}: use --include_path {out} --tasks "
@@ -401,14 +401,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import compress_folder
+    from .deploy.compress import compress_folder
 
     print(compress_folder(args.input, args.output, overwrite=args.overwrite).line())
     return 0
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
-    from .speed import main as speed_main
+    from .deploy.speed import main as speed_main
 
     return speed_main(args)
 
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``d2prune`` command. Exit 0; 2 with one line ``d2prune: error: ...``;
     or 130 with ``d2prune: interrupted`` after Ctrl-C at any point (the
     printing after a save included), never a traceback. An interrupted save
-    leaves nothing half-written (:func:`d2prune.save.save_pruned`)."""
+    leaves nothing half-written (:func:`d2prune.io.save.save_pruned`)."""
     try:
         code = _main(argv)
     except KeyboardInterrupt:

@@ -1,8 +1,10 @@
 """Typed, frozen, self-validating configuration.
 
 ``Sparsity`` is the parsed pattern ("0.5" -> unstructured 50%, "2:4" -> N:M).
-Each method has its own frozen config dataclass (torchao style); a
-``PruneConfig`` bundles the method config with the run settings. All of them
+Each method has its own frozen config dataclass (torchao style), defined
+in the method's own file under :mod:`d2prune.methods` on the base
+:class:`MethodConfig` here and registered by name; a ``PruneConfig`` bundles
+the method config with the run settings. All of them
 validate in ``__post_init__`` and serialise with :func:`to_dict`. The CLI only
 parses strings into these objects.
 """
@@ -106,169 +108,12 @@ class MethodConfig:
         return None
 
 
-@dataclass(frozen=True)
-class MagnitudeConfig(MethodConfig):
-    """Magnitude: score |W_ij|, lowest ``p`` of each layer pruned."""
-
-    name: ClassVar[str] = "magnitude"
-
-
-@dataclass(frozen=True)
-class WandaConfig(MethodConfig):
-    """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2 per output row, no update."""
-
-    name: ClassVar[str] = "wanda"
-
-
-@dataclass(frozen=True)
-class SparseGPTConfig(MethodConfig):
-    """SparseGPT (Frantar & Alistarh 2023): OBS mask + update in column blocks."""
-
-    name: ClassVar[str] = "sparsegpt"
-    uses_hessian: ClassVar[bool] = True
-    blocksize: int = option(128, "columns per block of the OBS update (N:M's M must divide it)")
-    percdamp: float = option(0.01, "Hessian damping, as a fraction of mean(diag H)")
-
-    def __post_init__(self) -> None:
-        _check_sparsegpt_fields(self.blocksize, self.percdamp)
-
-    @property
-    def column_block(self) -> int:
-        return self.blocksize
-
-
-def _check_sparsegpt_fields(blocksize: int, percdamp: float) -> None:
-    if not (isinstance(blocksize, int) and blocksize > 0):
-        raise D2PruneError(f"blocksize {blocksize!r} must be a positive integer (default 128)")
-    if not (isinstance(percdamp, (int, float)) and 0.0 < percdamp < 10.0):
-        raise D2PruneError(f"percdamp {percdamp!r} must be in (0, 10) (default 0.01)")
-
-
-FROZEN_STRATEGIES = ("auto", "per-layer", "outlier")
-D2_CANDIDATES = ("q", "k", "v")  # what the searches (auto, per-layer) choose among
-
-
-@dataclass(frozen=True)
-class D2Variant:
-    """The numerics of a D²Prune variant (docs/method.md §3.1).
-
-    ``index_weighted``: ``y`` and ``dx`` are the authors' running buffers
-    ``buf *= n/(n+B); buf += t`` (index-weighted sums), else plain per-sample
-    means; ``rescaled_dx``: D2-SparseGPT's ``dx`` is the norm of the
-    Hessian-rescaled input ``sqrt(2/n) X`` (a running buffer only);
-    ``wanda_dx_exponent``: ``e`` in D2-Wanda's ``r1 * y |W| dx^e``."""
-
-    index_weighted: bool
-    rescaled_dx: bool
-    wanda_dx_exponent: int
-
-    def __post_init__(self) -> None:
-        if self.rescaled_dx and not self.index_weighted:
-            raise ValueError("rescaled_dx is a running-buffer statistic: it needs index_weighted")
-
-
-D2_VARIANTS: dict[str, D2Variant] = {
-    "faithful": D2Variant(index_weighted=True, rescaled_dx=True, wanda_dx_exponent=0),  # the authors' code
-    "paper": D2Variant(index_weighted=True, rescaled_dx=True, wanda_dx_exponent=1),  # Algorithm 1
-    "normalized": D2Variant(index_weighted=False, rescaled_dx=False, wanda_dx_exponent=1),
-}
-
-
-def parse_frozen(value: str) -> str:
-    """Normalise ``--frozen``: ``none``, a subset of q/k/v (``k``, ``q,v``),
-    or a strategy (``auto``, ``per-layer``, ``outlier``)."""
-    text = str(value).strip().lower().replace("_", "-")
-    if text in ("none", "") or text in FROZEN_STRATEGIES:
-        return text or "none"
-    letters = {t.strip() for t in text.replace("+", ",").split(",")} if "," in text or "+" in text else set(text)
-    if not letters or not letters <= {"q", "k", "v"}:
-        raise D2PruneError(f"--frozen {value!r} is not valid: use q, k, v (or a set like q,v), none, auto, per-layer or outlier")
-    if letters == {"q", "k", "v"}:
-        raise D2PruneError("--frozen q,k,v freezes every projection: that is D2-Wanda on all of q/k/v; pick at most two")
-    return ",".join(x for x in "qkv" if x in letters)
-
-
-@dataclass(frozen=True)
-class D2PruneConfig(MethodConfig):
-    """D²Prune (AAAI 2026), docs/method.md §3-4.
-
-    ``frozen``: the q/k/v projections pruned with D2-Wanda and NOT updated
-    (every other Linear: D2-SparseGPT), or a strategy choosing them: ``auto``
-    (prune under each of q/k/v, keep the lowest held-out perplexity),
-    ``per-layer`` (eq 12 block by block: reconstruction error + rho * attention
-    KL), ``outlier`` (appendix eqs 17-19: freeze the projection with the largest
-    share of |w| > mean|W|). ``variant``: ``faithful`` = the authors' code
-    numerics (20250516aaa/D2Prune HEAD), ``paper`` = dx^1 in D2-Wanda
-    (Algorithm 1), ``normalized`` = plain means for every statistic.
-    ``s``, ``r1``, ``r2``: the scale and the lambda_1 / lambda_2 of eq 10.
-    """
-
-    name: ClassVar[str] = "d2prune"
-    label_fields: ClassVar[tuple[str, ...]] = ("frozen",)
-    uses_hessian: ClassVar[bool] = True
-    frozen: str = option("auto", "q/k/v projections pruned without update: k|q|v|q+v|none, or chosen per run: "
-                                 "auto (held-out perplexity) | per-layer (eq 12) | outlier (eqs 17-19)")
-    variant: str = option("faithful", "faithful (the authors' code) | paper (Algorithm 1) | normalized (plain means)")
-    s: float = option(1500.0, "activation scale s (eqs 13-15)")
-    r1: float = option(1.0, "lambda_1 of eq 10")
-    r2: float = option(0.0, "lambda_2 of eq 10")
-    blocksize: int = option(128, "columns per block of the OBS update (N:M's M must divide it)")
-    percdamp: float = option(0.01, "Hessian damping, as a fraction of mean(diag H)")
-    rho: float = option(1.0, "per-layer: weight of the attention KL in eq 12")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "frozen", parse_frozen(self.frozen))
-        if self.variant not in D2_VARIANTS:
-            raise D2PruneError(f"--variant {self.variant!r} is not valid: use {', '.join(D2_VARIANTS)}")
-        if not (isinstance(self.s, (int, float)) and math.isfinite(self.s) and self.s > 0):
-            raise D2PruneError(f"--s {self.s!r} must be a positive number (the paper uses 1500)")
-        for k in ("r1", "r2", "rho"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise D2PruneError(f"--{k} {v!r} must be a finite number >= 0")
-            object.__setattr__(self, k, float(v))
-        object.__setattr__(self, "s", float(self.s))
-        _check_sparsegpt_fields(self.blocksize, self.percdamp)
-
-    @property
-    def numerics(self) -> D2Variant:
-        return D2_VARIANTS[self.variant]
-
-    @property
-    def needs_heldout(self) -> bool:
-        return self.frozen == "auto"
-
-    @property
-    def activation_buffers(self) -> int:
-        return len(D2_CANDIDATES) if self.frozen == "auto" else 1
-
-    @property
-    def column_block(self) -> int:
-        return self.blocksize
-
-    @property
-    def frozen_set(self) -> tuple[str, ...] | None:
-        """The fixed frozen projections, or None for a search strategy."""
-        if self.frozen in FROZEN_STRATEGIES:
-            return None
-        return () if self.frozen == "none" else tuple(self.frozen.split(","))
-
-
-@dataclass(frozen=True)
-class PrunerZeroConfig(MethodConfig):
-    """Pruner-Zero (Dong et al., ICML 2024): score |W * W| * mms(G), G the
-    per-weight L2 norm of the LM-loss gradients over the calibration samples."""
-
-    name: ClassVar[str] = "pruner-zero"
-    whole_model_bytes_per_weight: ClassVar[int] = 4  # the fp32 sum of squared gradients
-
-
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
 def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     """Make a method config reachable by name (``PruneConfig(method="wanda")``);
-    :func:`d2prune.methods.base.register` calls this for every method."""
+    :func:`d2prune.engine.method.register` calls this for every method."""
     METHOD_CONFIGS[cls.name] = cls
     return cls
 
@@ -338,7 +183,7 @@ ALLOCATIONS = ("uniform", "owl")
 @dataclass(frozen=True)
 class PruneConfig:
     """What to do to the model (serialised into d2prune.json); the calibration
-    data is passed separately (see :mod:`d2prune.data`).
+    data is passed separately (see :mod:`d2prune.io.data`).
 
     ``method`` is a method config or its name; ``sparsity`` a :class:`Sparsity`
     or anything :meth:`Sparsity.parse` takes. ``device=None`` picks cuda, then
@@ -349,7 +194,7 @@ class PruneConfig:
     2
     """
 
-    method: MethodConfig | str = field(default_factory=SparseGPTConfig)
+    method: MethodConfig | str = "sparsegpt"
     sparsity: Sparsity | str | float = 0.5
     device: str | None = None
     layer_error: bool = True  # compute ||WX - W'X||^2 / ||WX||^2 per layer (needs X^T X)

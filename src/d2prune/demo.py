@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from .config import PruneConfig, parse_method_spec
-from .data import (SHARED_C4, SHARED_WIKI, calibration_texts, eval_text, eval_windows, find_shared_data,
+from .io.data import (SHARED_C4, SHARED_WIKI, calibration_texts, eval_text, eval_windows, find_shared_data,
                    heldout_windows, sample_calibration)
-from .evaluate import perplexity
-from .modeling import load_model
+from .evaluation.perplexity import perplexity
+from .io.modeling import load_model
 from .pruning import prune
 
 log = logging.getLogger(__name__)

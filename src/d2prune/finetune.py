@@ -2,7 +2,7 @@
 
 A pruned model gets a LoRA adapter (``peft``) on every pruned Linear of its
 decoder blocks, is trained on C4 windows (the calibration sampler of
-:mod:`d2prune.data`, another seed), and is saved **merged** with exactly the
+:mod:`d2prune.io.data`, another seed), and is saved **merged** with exactly the
 pruned zeros (docs/finetune.md §2):
 
     W' = W + (s · B A) ⊙ M,   M = (W != 0),   s = alpha / r
@@ -47,9 +47,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import D2PruneError, first_line
-from .modeling import check_seqlen, find_blocks, find_prunable, pick_device
-from .resume import MARKER_NAME, _atomic_write, files_digest, tensor_digest
-from .save import RECORD_NAME, check_output_dir, library_versions, save_pruned
+from .io.modeling import check_seqlen, find_blocks, find_prunable, pick_device
+from .io.resume import MARKER_NAME, _atomic_write, files_digest, tensor_digest
+from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +331,9 @@ def load_pruned(folder: Path):
     compressed one (``d2prune compress``) or any causal-LM folder."""
     from transformers import AutoTokenizer
 
-    from .compress import from_pretrained as load_compressed
-    from .modeling import load_model
-    from .sparse_format import is_compressed
+    from .deploy.compress import from_pretrained as load_compressed
+    from .io.modeling import load_model
+    from .io.sparse_format import is_compressed
 
     if not folder.is_dir():
         raise D2PruneError(f"pruned model folder {folder} does not exist: pass the --out folder of `d2prune prune`")
@@ -362,7 +362,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 def default_data_file(kind: str) -> str | None:
     """The C4 / WikiText-2 file of ``../shared/data`` (or ``$D2PRUNE_DATA``) when present; None: the hub."""
-    from .data import SHARED_C4, SHARED_WIKI, find_shared_data
+    from .io.data import SHARED_C4, SHARED_WIKI, find_shared_data
 
     root = find_shared_data()
     if root is None:
@@ -402,7 +402,7 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
     ``save_every`` K > 0 checkpoints every K steps; ``on_step(step)`` is called
     after each optimizer step (and its checkpoint): a test hook.
     """
-    from .data import calibration_texts, eval_text
+    from .io.data import calibration_texts, eval_text
 
     t0 = time.perf_counter()
     cfg = cfg or FinetuneConfig()
@@ -509,7 +509,7 @@ class FinetuneRun:
     identity: dict
 
     def evaluate(self, model: nn.Module) -> dict:
-        from .evaluate import perplexity
+        from .evaluation.perplexity import perplexity
 
         return asdict(perplexity(model, self.eval_ids, "wikitext2", max_windows=self.eval_windows, device=self.device))
 
@@ -517,7 +517,7 @@ class FinetuneRun:
 def _open_run(pruned: Path, cfg: FinetuneConfig, dev: torch.device, docs: list[str], text: str,
               eval_seqlen: int | None, eval_windows: int | None) -> FinetuneRun:
     """Load the pruned model and cut the training and evaluation windows."""
-    from .data import eval_windows as cut_windows, sample_calibration
+    from .io.data import eval_windows as cut_windows, sample_calibration
 
     model, tok, record = load_pruned(pruned)
     targets = target_linears(model, record)

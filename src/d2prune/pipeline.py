@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 
 from .config import PruneConfig, to_dict
-from .data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
+from .io.data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
 from .errors import D2PruneError
-from .evaluate import PerplexityResult, perplexity
-from .modeling import (check_seqlen, default_seqlen, image_classifier_class, is_image_model, load_model, pick_device,
+from .evaluation.perplexity import PerplexityResult, perplexity
+from .io.modeling import (check_seqlen, default_seqlen, image_classifier_class, is_image_model, load_model, pick_device,
                        resolve_source)
 from .pruning import PruneReport, prune
-from . import distributed
-from .budget import auto_offload, check_fits, estimate
-from .engine import ActivationStore
-from .resume import WorkFolder, files_digest, tensor_digest
-from .save import RECORD_NAME, check_output_dir, library_versions, save_pruned
-from .streaming import available_ram, open_model, write_sharded
+from .engine import distributed
+from .io.budget import auto_offload, check_fits, estimate
+from .engine.sequential import ActivationStore
+from .io.resume import WorkFolder, files_digest, tensor_digest
+from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
+from .io.streaming import available_ram, open_model, write_sharded
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     every finished block is saved in a work folder beside it, and the same
     command resumes an interrupted run (``restart`` discards it instead).
     ``save_format``: ``dense`` (``save_pretrained``'s layout) or ``compressed``
-    (:mod:`d2prune.compress`: bitmask / N:M indices + values)."""
+    (:mod:`d2prune.deploy.compress`: bitmask / N:M indices + values)."""
     t0 = time.perf_counter()
     if save_format not in SAVE_FORMATS:
         raise D2PruneError(f"unknown save format {save_format!r}: use one of {', '.join(SAVE_FORMATS)}")
@@ -132,7 +132,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     if out is not None:
         check_output_dir(out, overwrite)
     if zero_shot is not None:
-        from .zeroshot import check_zero_shot
+        from .evaluation.zeroshot import check_zero_shot
 
         check_zero_shot(**zero_shot)
     images = data.calib_images is not None
@@ -158,7 +158,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                            "saved folder with d2prune eval where it fits) or use --stream off")
     heldout_labels = None
     if images:
-        from .vision import calibration_images, tokens_per_image
+        from .evaluation.vision import calibration_images, tokens_per_image
 
         seqlen, windows = tokens_per_image(model), {}
         cal = calibration_images(model, tokenizer, folders["calib"], data.nsamples, data.seed,
@@ -216,7 +216,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                                    windows=windows) if data.evaluate else {}
         zs = None
         if zero_shot is not None:
-            from .zeroshot import evaluate_zero_shot
+            from .evaluation.zeroshot import evaluate_zero_shot
 
             zs = evaluate_zero_shot(model, tokenizer, device=config.device, **zero_shot).to_dict()
         record = _record(opened, config, data, seqlen, report, results, zs, budget)
@@ -227,7 +227,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
                 shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
                 writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype)  # noqa: E731
             if save_format == "compressed":
-                from .compress import compressing
+                from .deploy.compress import compressing
 
                 writer = compressing(writer or (lambda folder: model.save_pretrained(folder, safe_serialization=True)),
                                      record)
@@ -248,7 +248,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
 
 def _image_folders(data: DataConfig, zero_shot: dict | None) -> dict:
     """The calibration (and evaluation) ImageFolder trees of an image classifier."""
-    from .vision import image_folder
+    from .evaluation.vision import image_folder
 
     given = [f for f, v in (("--calib-file", data.calib_file), ("--eval-file", data.eval_file),
                             ("--c4-eval-file", data.c4_eval_file), ("--seqlen", data.seqlen)) if v is not None]
@@ -264,7 +264,7 @@ def _image_folders(data: DataConfig, zero_shot: dict | None) -> dict:
 
 
 def _evaluate_images(model, processor, folder, data: DataConfig, device, source) -> dict:
-    from .vision import evaluate_images
+    from .evaluation.vision import evaluate_images
 
     return {} if folder is None else {"images": evaluate_images(model, processor, folder, data.eval_windows, device,
                                                                 source)}
@@ -309,11 +309,11 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
 def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = "auto", device: str | None = None,
                    ppl: bool = False, eval_file: str | None = None, seqlen: int | str | None = None,
                    eval_windows: int | None = None, eval_images: str | None = None) -> dict:
-    """Zero-shot accuracy (``zero_shot``: :func:`~d2prune.zeroshot.evaluate_zero_shot`
+    """Zero-shot accuracy (``zero_shot``: :func:`~d2prune.evaluation.zeroshot.evaluate_zero_shot`
     options; None skips it) and/or WikiText-2 perplexity (``ppl``) of a model or
     pruned folder. Every option and file is checked before the model loads,
     the evaluation text's length right after (before the long zero-shot run)."""
-    from .zeroshot import check_zero_shot, evaluate_zero_shot
+    from .evaluation.zeroshot import check_zero_shot, evaluate_zero_shot
 
     if eval_images is not None:
         return _evaluate_image_model(model_name, eval_images, dtype, device, eval_windows, zero_shot, ppl)
@@ -346,7 +346,7 @@ def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = 
 def _evaluate_image_model(model_name: str | None, eval_images: str, dtype: str, device: str | None,
                           eval_windows: int | None, zero_shot: dict | None, ppl: bool) -> dict:
     """``d2prune eval --eval-images DIR``: an image classifier's accuracy."""
-    from .vision import evaluate_images, image_folder
+    from .evaluation.vision import evaluate_images, image_folder
 
     if zero_shot is not None or ppl:
         raise D2PruneError("--eval-images measures an image classifier's accuracy; zero-shot tasks and --ppl are for "
@@ -369,7 +369,7 @@ def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = No
     import json
     from pathlib import Path
 
-    from .diagnostics import attention_diff, format_table, plot, summarize
+    from .evaluation.diagnostics import attention_diff, format_table, plot, summarize
 
     if not (isinstance(windows, int) and windows >= 1):
         raise D2PruneError(f"--windows {windows!r} must be an integer >= 1")
@@ -387,7 +387,7 @@ def diagnose(dense_name: str | None, pruned_dir: str, text_file: str | None = No
     dense, tok, src = load_model(dense_name, dtype=resolve_dtype("auto", device))
     pruned, _, psrc = load_model(pruned_dir, dtype=resolve_dtype("auto", device))
     if is_image_model(dense):
-        from .vision import image_folder, pixel_values
+        from .evaluation.vision import image_folder, pixel_values
 
         if images is None:
             raise D2PruneError(f"{src.describe()} is an image classifier: give --images DIR (an ImageFolder tree)")
@@ -429,7 +429,7 @@ def _default_eval_file(pruned_dir) -> str | None:
     import json
     from pathlib import Path
 
-    from .data import SHARED_WIKI, find_shared_data
+    from .io.data import SHARED_WIKI, find_shared_data
 
     record = Path(pruned_dir) / RECORD_NAME
     if record.is_file():

@@ -1,12 +1,12 @@
 """``prune(model, config, calibration)``: the public entry point.
 
-Per block (see :mod:`d2prune.engine`): dense calibration pass with hooks ->
+Per block (see :mod:`d2prune.engine.sequential`): dense calibration pass with hooks ->
 every Linear pruned by the method's wrapper -> propagation pass, with the
-pieces of :mod:`d2prune.calibration`. A method whose config asks for a search
+pieces of :mod:`d2prune.engine.calibration`. A method whose config asks for a search
 over candidate settings (D²Prune ``frozen="auto"`` / ``"per-layer"``) is
-driven by the :class:`~d2prune.calibration.CandidateSearch` registered for
+driven by the :class:`~d2prune.engine.calibration.CandidateSearch` registered for
 it instead of the plain loop; both return a
-:class:`~d2prune.calibration.PruneOutcome`, turned here into the report.
+:class:`~d2prune.engine.calibration.PruneOutcome`, turned here into the report.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from . import selection as _selection  # noqa: F401  (registers D²Prune's searches)
-from .calibration import (BlockLayers, CalibrationOptions, LayerReport, OutputError, PruneOutcome, PruneRun,
+from .methods.d2prune import search as _selection  # noqa: F401  (registers D²Prune's searches)
+from .engine.calibration import (BlockLayers, CalibrationOptions, LayerReport, OutputError, PruneOutcome, PruneRun,
                           calibrate, find_search, prune_layers, resume_point, save_block)
 from .config import PruneConfig, Sparsity, to_dict
-from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, propagate, sequential
+from .engine.sequential import BlockInputs, BlockSource, check_finite, forward_hooks, propagate, sequential
 from .errors import D2PruneError
-from .methods.base import Method, build_method
-from .modeling import compute_dtype_for, find_blocks, find_prunable, in_features, is_image_model, pick_device
-from .resume import WorkFolder
+from .engine.method import Method, build_method
+from .io.modeling import compute_dtype_for, find_blocks, find_prunable, in_features, is_image_model, pick_device
+from .io.resume import WorkFolder
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,17 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
           heldout_labels: Tensor | None = None) -> PruneReport:
     """Prune every Linear of the model's decoder blocks, in place.
 
-    ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.data.sample_calibration`).
+    ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.io.data.sample_calibration`).
     ``heldout``: ``[H, L]`` token ids of text not used for calibration, needed
     only by searches that score candidates (D²Prune ``frozen="auto"``).
     An image classifier (ViT, DeiT) takes pixel values ``[N, C, H, W]``
-    instead (:func:`d2prune.vision.calibration_images`); its held-out images
+    instead (:func:`d2prune.evaluation.vision.calibration_images`); its held-out images
     are scored by cross-entropy against ``heldout_labels`` ``[H]``.
     Returns a :class:`PruneReport` with one row per layer.
     ``source``: where the blocks come from and the dtype they compute in
     (default: the model's own modules; fp32 compute for a half-precision model
     on a CPU). ``work``: a resume folder: every finished block is saved there
-    and a rerun continues after the last one (see :mod:`d2prune.resume`).
+    and a rerun continues after the last one (see :mod:`d2prune.io.resume`).
 
     >>> from d2prune import PruneConfig, load_model, prune, sample_calibration, read_texts
     >>> model, tok, _ = load_model("../shared/models/stories260K")                # doctest: +SKIP
@@ -169,7 +169,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     if config.allocation == "owl" and sparsity.ratio > 0:
         # one dense pass before any block is pruned (a resumed run recomputes it from the dense
         # model, before its finished blocks are restored: the same allocation, deterministically)
-        from .allocation import owl_allocation
+        from .engine.allocation import owl_allocation
 
         allocation = owl_allocation(run, sparsity, config.owl_m, config.owl_lambda)
         method.block_sparsity = {i: allocation.sparsity(i) for i in range(len(blocks))}

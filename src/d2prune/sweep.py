@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import MethodConfig, PruneConfig, Sparsity, method_label, parse_method_spec
-from .data import C4_TRAIN, WIKITEXT2_TEST, calibration_texts, eval_text, eval_windows
+from .io.data import C4_TRAIN, WIKITEXT2_TEST, calibration_texts, eval_text, eval_windows
 from .errors import D2PruneError
-from .evaluate import perplexity
-from .modeling import check_seqlen, load_model
+from .evaluation.perplexity import perplexity
+from .io.modeling import check_seqlen, load_model
 from .pipeline import DataConfig, calibration_for, resolve_dtype, seqlen_for
-from .save import library_versions
+from .io.save import library_versions
 from .pruning import prune
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def model_label(name: str | None) -> str:
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     if cfg.zero_shot is not None:  # before any work: a typo must not surface after the first prune
-        from .zeroshot import check_zero_shot
+        from .evaluation.zeroshot import check_zero_shot
 
         check_zero_shot(**cfg.zero_shot)
     # the data files are read (and validated) once, before any model loads
@@ -259,14 +259,14 @@ def _evaluate(model, tok, windows, cfg: SweepConfig, dense=None) -> dict:
     res = perplexity(model, windows, max_windows=cfg.data.eval_windows, device=cfg.device)
     row = {"ppl": res.ppl, "ppl_windows": f"{res.windows}/{res.total_windows}"}
     if cfg.zero_shot is not None:
-        from .zeroshot import evaluate_zero_shot
+        from .evaluation.zeroshot import evaluate_zero_shot
 
         zs = evaluate_zero_shot(model, tok, device=cfg.device, **cfg.zero_shot)
         row["zero_shot_mean"] = zs.mean
         row["zero_shot"] = json.dumps({t: r["value"] for t, r in zs.tasks.items()}, sort_keys=True)
     if cfg.diagnose_windows and dense is not None:
-        from .diagnostics import attention_diff, summarize
-        from .modeling import pick_device
+        from .evaluation.diagnostics import attention_diff, summarize
+        from .io.modeling import pick_device
 
         s = summarize(attention_diff(dense, model, windows[: cfg.diagnose_windows], pick_device(cfg.device)))
         row["attn_kl"], row["attn_rmse"] = s["mean_kl"], s["mean_rmse"]

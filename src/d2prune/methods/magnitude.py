@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from ..config import MagnitudeConfig, Sparsity
-from ..masks import lowest_in_matrix, nm_mask
-from .base import MaskPruner, Method, register
+from ..config import MethodConfig, Sparsity
+from ..ops.masks import lowest_in_matrix, nm_mask
+from ..engine.method import MaskPruner, Method, register
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class MagnitudeConfig(MethodConfig):
+    """Magnitude: score |W_ij|, lowest ``p`` of each layer pruned."""
+
+    name: ClassVar[str] = "magnitude"
 
 
 def magnitude_mask(W: Tensor, sparsity: Sparsity) -> Tensor:

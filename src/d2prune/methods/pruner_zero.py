@@ -19,19 +19,31 @@ is that of all the samples.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
-from ..config import PrunerZeroConfig
-from ..engine import check_finite
+from ..engine import distributed
+from ..config import MethodConfig
+from ..engine.sequential import check_finite
 from ..errors import D2PruneError
-from ..masks import row_mask
-from ..modeling import find_blocks, find_prunable, to_matrix
-from .base import MaskPruner, Method, register
+from ..ops.masks import row_mask
+from ..io.modeling import find_blocks, find_prunable, to_matrix
+from ..engine.method import MaskPruner, Method, register
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class PrunerZeroConfig(MethodConfig):
+    """Pruner-Zero (Dong et al., ICML 2024): score |W * W| * mms(G), G the
+    per-weight L2 norm of the LM-loss gradients over the calibration samples."""
+
+    name: ClassVar[str] = "pruner-zero"
+    whole_model_bytes_per_weight: ClassVar[int] = 4  # the fp32 sum of squared gradients
 
 
 def min_max(x: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..config import MethodConfig, Sparsity, option
 from ..errors import D2PruneError
-from ..masks import at_or_below_kth, row_mask
-from .base import MaskPruner, Method, register
+from ..ops.masks import at_or_below_kth, row_mask
+from ..engine.method import MaskPruner, Method, register
 
 RIA_RULES = ("row", "layer")
 

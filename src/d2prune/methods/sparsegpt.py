@@ -20,17 +20,43 @@ without copying this loop.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ..config import SparseGPTConfig, Sparsity
+from ..config import MethodConfig, Sparsity, option
 from ..errors import D2PruneError
-from ..masks import at_or_below_kth
-from .base import LayerPruner, Method, register
+from ..ops.masks import at_or_below_kth
+from ..engine.method import LayerPruner, Method, register
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class SparseGPTConfig(MethodConfig):
+    """SparseGPT (Frantar & Alistarh 2023): OBS mask + update in column blocks."""
+
+    name: ClassVar[str] = "sparsegpt"
+    uses_hessian: ClassVar[bool] = True
+    blocksize: int = option(128, "columns per block of the OBS update (N:M's M must divide it)")
+    percdamp: float = option(0.01, "Hessian damping, as a fraction of mean(diag H)")
+
+    def __post_init__(self) -> None:
+        check_sparsegpt_fields(self.blocksize, self.percdamp)
+
+    @property
+    def column_block(self) -> int:
+        return self.blocksize
+
+
+def check_sparsegpt_fields(blocksize: int, percdamp: float) -> None:
+    if not (isinstance(blocksize, int) and blocksize > 0):
+        raise D2PruneError(f"blocksize {blocksize!r} must be a positive integer (default 128)")
+    if not (isinstance(percdamp, (int, float)) and 0.0 < percdamp < 10.0):
+        raise D2PruneError(f"percdamp {percdamp!r} must be in (0, 10) (default 0.01)")
 
 # score_fn(W_sub, hinv_diag_sub, col_start, col_end) -> scores for W_sub; the
 # column range is absolute so per-input-channel statistics can be sliced.

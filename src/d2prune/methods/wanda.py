@@ -3,12 +3,23 @@ weight update (docs/method.md §2; locuslab/wanda ``prune_wanda``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from ..config import Sparsity, WandaConfig
-from ..masks import by_rows, row_mask
-from .base import MaskPruner, Method, register
+from ..config import MethodConfig
+from ..ops.masks import by_rows, row_mask
+from ..engine.method import MaskPruner, Method, register
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class WandaConfig(MethodConfig):
+    """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2 per output row, no update."""
+
+    name: ClassVar[str] = "wanda"
 
 
 def wanda_score(W: Tensor, sq_norm: Tensor) -> Tensor:

@@ -38,8 +38,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .engine import BlockSource, outside_on_device, place_params
-from .errors import D2PruneError, first_line
+from ..engine.sequential import BlockSource, outside_on_device, place_params
+from ..errors import D2PruneError, first_line
 from .modeling import STORAGE_DTYPE, all_finite, Blocks, compute_dtype_for, find_blocks
 from .sparse_format import (NM_VALUES, SHAPE, VALUES, checksum, checksum_error, compressed_names, decompress_matrix,
                             expected_checksums, is_compressed)
@@ -155,11 +155,11 @@ class CheckpointReader:
 
 
 class CompressedReader(CheckpointReader):
-    """A :class:`~d2prune.streaming.CheckpointReader` over a compressed folder
+    """A :class:`~d2prune.io.streaming.CheckpointReader` over a compressed folder
     that answers in dense tensors: ``P.weight`` is decompressed from its stored
     parts when asked for (the streamed, block-by-block path reads this way).
     Every stored tensor read is checked against the crc32 its shard records
-    (:func:`~d2prune.sparse_format.expected_checksums`)."""
+    (:func:`~d2prune.io.sparse_format.expected_checksums`)."""
 
     def __init__(self, folder: str | os.PathLike):
         super().__init__(folder)
@@ -219,13 +219,13 @@ class CompressedReader(CheckpointReader):
 
 class GGUFCheckpointReader(CheckpointReader):
     """A ``.gguf`` file as a checkpoint: transformers' tensor name -> the file,
-    each tensor de-quantised only when read (:class:`d2prune.gguf_stream.GGUFFile`:
+    each tensor de-quantised only when read (:class:`d2prune.io.gguf.GGUFFile`:
     bit for bit what ``from_pretrained(folder, gguf_file=...)`` loads, in
     ``dtype``, float32 when None). Tensors of safetensors shards given to
     :meth:`add` (finished blocks) are read from those instead."""
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype | None = None):
-        from .gguf_stream import GGUFFile
+        from .gguf import GGUFFile
 
         self.gguf = GGUFFile(path, dtype)
         self.path = self.gguf.path
@@ -563,7 +563,7 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
     ``"auto"`` when the safetensors checkpoint, or a GGUF file's de-quantised
     tensors, take more than half the available RAM), else loaded in memory. Storage dtype: the checkpoint's
     (``dtype="auto"``) or the one asked for; blocks compute in fp32 on a CPU
-    when stored in half precision (:func:`d2prune.modeling.compute_dtype_for`)."""
+    when stored in half precision (:func:`d2prune.io.modeling.compute_dtype_for`)."""
     from .modeling import _dtype, image_classifier_class, load_model, resolve_source
 
     if stream not in STREAM_CHOICES:
@@ -586,7 +586,7 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
     if stream == "auto":
         limit = STREAM_RAM_SHARE * available_ram()
         if gguf:  # what the in-memory path would hold: the de-quantised tensors (None: not streamable)
-            from .gguf_stream import dequantized_nbytes
+            from .gguf import dequantized_nbytes
 
             size = dequantized_nbytes(gguf, None if want == "auto" else want, limit)
         else:

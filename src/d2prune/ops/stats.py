@@ -45,7 +45,7 @@ class Accumulator:
     constructor receives the extra arguments of a tuple :data:`StatKey`."""
 
     key: str = ""
-    # how the states of several processes combine (d2prune.distributed.merge):
+    # how the states of several processes combine (d2prune.engine.distributed.merge):
     # attribute -> "mean" (a running mean over n samples) or "sum"
     merge_fields: dict[str, str] = {}
 

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig, Sparsity, register_method_config
-from ..stats import InputStats, StatKey
+from ..ops.stats import InputStats, StatKey
 
 
 class LayerPruner:
     """Thin per-Linear wrapper around a method's pure tensor functions.
 
-    ``input_stats``: keys of the input accumulators (:mod:`d2prune.stats`) the
+    ``input_stats``: keys of the input accumulators (:mod:`d2prune.ops.stats`) the
     layer needs. ``wants_output``: if True the engine calls
     :meth:`observe_output` with the layer's dense output on every calibration
     call. :meth:`prune` receives the fp32 ``[d_out, d_in]`` weight (a copy) and

@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .errors import D2PruneError
+from ..errors import D2PruneError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import D2PruneError, first_line
+from ..errors import D2PruneError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Two kinds of layers:
 ``y_i`` = per-output-channel activation magnitude / s, ``dx_j`` = per-input-
 channel magnitude / s (dx = lambda * x, eqs 13-15). The variants
 (docs/method.md §3.1) differ in three switches, tabled as
-:data:`d2prune.config.D2_VARIANTS`:
+:data:`d2prune.methods.d2prune.config.D2_VARIANTS`:
 
 * ``faithful`` - the authors' code (20250516aaa/D2Prune HEAD b22c860), quirks
   included: ``y`` and ``dx`` are running buffers updated ``buf *= n/(n+1);
@@ -33,13 +33,14 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ..config import D2PruneConfig, D2Variant, Sparsity
-from ..masks import row_mask
-from ..errors import D2PruneError
-from ..modeling import qkv_parts, weight_matrix
-from ..stats import Accumulator, StatKey, as_columns, register_accumulator
-from .base import LayerPruner, MaskPruner, Method, register
-from .sparsegpt import hessian_factor, obs_prune
+from ...config import Sparsity
+from .config import D2PruneConfig, D2Variant
+from ...ops.masks import row_mask
+from ...errors import D2PruneError
+from ...io.modeling import qkv_parts, weight_matrix
+from ...ops.stats import Accumulator, StatKey, as_columns, register_accumulator
+from ...engine.method import LayerPruner, MaskPruner, Method, register
+from ..sparsegpt import hessian_factor, obs_prune
 
 # --------------------------------------------------------------------------- statistics
 
@@ -277,7 +278,7 @@ class RowSplitLayer(LayerPruner):
 class D2Prune(Method):
     """D²Prune with a fixed frozen set or the ``outlier`` rule; ``auto`` and
     ``per-layer`` are searches over this method, registered for its config
-    (:mod:`d2prune.selection`)."""
+    (:mod:`d2prune.methods.d2prune.search`)."""
 
     config_type = D2PruneConfig
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import D2PruneError, first_line
+from ..errors import D2PruneError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The d2prune-sparse storage format: a sparse matrix as a bitmask or N:M
 indices plus its kept values (pure tensor code; folders, loading and the
-transformers integration are in :mod:`d2prune.compress`; docs/deploy.md §1)."""
+transformers integration are in :mod:`d2prune.deploy.compress`; docs/deploy.md §1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import D2PruneError
+from ..errors import D2PruneError
 
 FORMAT = "d2prune-sparse"
 QUANT_METHOD = "d2prune_sparse"

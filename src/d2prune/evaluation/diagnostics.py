@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from .attention import find_attention, kl_rows, run_with_attention
-from .engine import capture_block_inputs, on_device
-from .errors import D2PruneError
-from .modeling import eager_attention, find_blocks
+from ..engine.sequential import capture_block_inputs, on_device
+from ..errors import D2PruneError
+from ..io.modeling import eager_attention, find_blocks
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import D2PruneError
+from ..errors import D2PruneError
 from .modeling import find_prunable, in_features, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Budget:
 
 def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: bool, activation_buffers: int = 1,
              offload: str | None = None, deltas: bool = False, whole_model_per_weight: int = 0) -> Budget:
-    """Peak needs of pruning ``opened`` (a :class:`d2prune.streaming.OpenedModel`)."""
+    """Peak needs of pruning ``opened`` (a :class:`d2prune.io.streaming.OpenedModel`)."""
     model, blocks = opened.model, opened.source.blocks
     compute = opened.source.compute_dtype or opened.storage_dtype
     c_bytes = torch.empty((), dtype=compute).element_size()

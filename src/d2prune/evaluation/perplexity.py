@@ -1,7 +1,7 @@
 """Perplexity exactly as docs/method.md §5 (the SparseGPT / Wanda / D²Prune protocol).
 
 The text is tokenised once and cut into ``floor(T / seqlen)`` non-overlapping
-windows (:func:`d2prune.data.eval_windows`); each window's mean NLL over its
+windows (:func:`d2prune.io.data.eval_windows`); each window's mean NLL over its
 ``seqlen - 1`` predictions is averaged over windows; ``ppl = exp(mean)``.
 ``max_windows`` evaluates only the first windows for quick runs and is always
 recorded next to the number.
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .engine import BlockSource, sequential_logits
-from .errors import D2PruneError
-from .modeling import pick_device
+from ..engine.sequential import BlockSource, sequential_logits
+from ..errors import D2PruneError
+from ..io.modeling import pick_device
 
 log = logging.getLogger(__name__)
 

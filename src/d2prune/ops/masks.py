@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import Sparsity
-from .errors import D2PruneError
+from ..config import Sparsity
+from ..errors import D2PruneError
 
 
 def first_k_stable(score: Tensor, k: int) -> Tensor:

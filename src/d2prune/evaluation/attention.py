@@ -2,7 +2,7 @@
 about (docs/method.md §4). Used by the per-layer search (eq 12) and by
 ``d2prune diagnose``.
 
-The block must run with eager attention (:func:`d2prune.modeling.eager_attention`)
+The block must run with eager attention (:func:`d2prune.io.modeling.eager_attention`)
 so its attention module returns ``(attn_output, attn_probs)``; the probabilities
 are post-softmax rows ``[B, heads, L_q, L_k]`` (masked keys exactly 0).
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .engine import BlockCall, BlockInputs, forward_hooks, run_block
-from .errors import D2PruneError
-from .modeling import attention_module
+from ..engine.sequential import BlockCall, BlockInputs, forward_hooks, run_block
+from ..errors import D2PruneError
+from ..io.modeling import attention_module
 
 TINY = 1e-30  # floor of probabilities in logs and of denominators: keeps 0 * log 0 and x / 0 finite
 

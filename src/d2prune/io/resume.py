@@ -10,7 +10,7 @@ number of torchrun processes) and continues: the finished blocks' weights
 are put back and only run forward to recompute the activations of the next
 block (bit-identical, since the saved weights are exactly what the
 interrupted run propagated with; see
-:func:`d2prune.modeling.set_weight_matrix`). A successful run removes the folder.
+:func:`d2prune.io.modeling.set_weight_matrix`). A successful run removes the folder.
 
 Nothing here deletes a folder the tool did not write: the work folder carries
 a marker file, and only a folder holding it is ever removed.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .errors import D2PruneError
+from ..errors import D2PruneError
 
 log = logging.getLogger(__name__)
 

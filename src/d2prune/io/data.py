@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import D2PruneError
+from ..errors import D2PruneError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import D2PruneError
+from ..errors import D2PruneError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def task_yamls(data_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def default_task_data() -> Path | None:
-    from .data import find_shared_data
+    from ..io.data import find_shared_data
 
     shared = find_shared_data()
     return shared / "zeroshot" if shared and (shared / "zeroshot").is_dir() else None
@@ -236,7 +236,7 @@ def evaluate_zero_shot(model, tokenizer, tasks: str | list[str] | None = None, l
     from lm_eval.tasks import TaskManager
 
     limit = normalize_limit(limit)
-    from .modeling import pick_device
+    from ..io.modeling import pick_device
 
     home = next(model.parameters()).device
     dev = pick_device(device) if device else home

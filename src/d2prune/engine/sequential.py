@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import D2PruneError
-from .modeling import STORAGE_DTYPE, Blocks, all_finite, find_blocks
+from ..errors import D2PruneError
+from ..io.modeling import STORAGE_DTYPE, Blocks, all_finite, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def place_params(module: nn.Module, device: torch.device, compute_dtype: torch.d
                  skip: set[int] = frozenset()) -> _Placement:
     """Move ``module``'s parameters (and buffers) to ``device``; floating
     parameters stored in another dtype are cast to ``compute_dtype`` and
-    remember their storage dtype (see :func:`d2prune.modeling.set_weight_matrix`:
+    remember their storage dtype (see :func:`d2prune.io.modeling.set_weight_matrix`:
     weights written while a block computes in fp32 are rounded to the dtype
     they will be saved in, so the next block sees what the saved model gives).
     Buffers keep their dtype (rotary ``inv_freq`` stays fp32). Parameters on
@@ -364,7 +364,7 @@ def outside_on_device(model: nn.Module, device: torch.device, compute_dtype: tor
 class BlockSource:
     """Where the blocks' weights live between their turns, and the dtype they
     compute in. This one: the model's own modules (host RAM, or wherever the
-    model is); :class:`d2prune.streaming.StreamedBlocks` reads each block from
+    model is); :class:`d2prune.io.streaming.StreamedBlocks` reads each block from
     a checkpoint on disk instead. ``compute_dtype=None`` computes in the
     storage dtype. ``activations``: where the activation buffers live."""
 

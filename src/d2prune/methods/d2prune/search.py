@@ -1,6 +1,6 @@
 """Choosing which q/k/v projections D²Prune leaves un-updated (docs/method.md §4).
 
-Two :class:`~d2prune.calibration.CandidateSearch` es registered for
+Two :class:`~d2prune.engine.calibration.CandidateSearch` es registered for
 :class:`~d2prune.config.D2PruneConfig`; both drive the same engine primitives
 as a plain prune (capture, calibrate, prune_layers, run_block) and neither
 changes the engine:
@@ -32,20 +32,21 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .attention import TINY, find_attention, kl_rows, run_with_attention
-from .calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
+from ...engine import distributed
+from ...evaluation.attention import TINY, find_attention, kl_rows, run_with_attention
+from ...engine.calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
                           load_block_shard, prune_layers, register_search, resume_point, save_block)
-from .config import D2_CANDIDATES, D2PruneConfig, to_dict
-from .engine import BlockInputs, check_finite, propagate, run_block, run_head, sequential
-from .errors import D2PruneError
-from .evaluate import window_nll
-from .vision import image_loss
-from .methods.base import LayerPruner
-from .methods.d2prune import D2Prune
-from .modeling import eager_attention
-from .resume import WorkFolder
-from .streaming import block_tensors
+from ...config import to_dict
+from .config import D2_CANDIDATES, D2PruneConfig
+from ...engine.sequential import BlockInputs, check_finite, propagate, run_block, run_head, sequential
+from ...errors import D2PruneError
+from ...evaluation.perplexity import window_nll
+from ...evaluation.vision import image_loss
+from ...engine.method import LayerPruner
+from .method import D2Prune
+from ...io.modeling import eager_attention
+from ...io.resume import WorkFolder
+from ...io.streaming import block_tensors
 
 log = logging.getLogger(__name__)
 

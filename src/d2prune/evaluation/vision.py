@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .engine import BlockSource, model_forward, sequential_logits
-from .errors import D2PruneError, first_line
-from .modeling import pick_device
+from ..engine.sequential import BlockSource, model_forward, sequential_logits
+from ..errors import D2PruneError, first_line
+from ..io.modeling import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def accuracy(model: nn.Module, pixels: Tensor, labels: Tensor, dataset: str = "i
              total: int | None = None, label_source: str = "") -> AccuracyResult:
     """Top-1 / top-5 accuracy of ``model`` on ``pixels`` with ``labels``: the
     whole model in batches when it is on ``device`` (or the CPU), else block by
-    block through the engine (as :func:`d2prune.evaluate.perplexity` does)."""
+    block through the engine (as :func:`d2prune.evaluation.perplexity.perplexity` does)."""
     dev = device if isinstance(device, torch.device) else pick_device(device)
     param = next(model.parameters())
     sequential = (source is not None and source.compute_dtype is not None) or not (dev.type == "cpu" or param.device == dev)

@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import D2PruneError
-from .sparse_format import (CHECKSUM, FORMAT, NM, QUANT_METHOD, VERSION, encode, is_compressed,  # noqa: F401 - is_compressed re-exported
+from ..errors import D2PruneError
+from ..io.sparse_format import (CHECKSUM, FORMAT, NM, QUANT_METHOD, VERSION, encode, is_compressed,  # noqa: F401 - is_compressed re-exported
                             shard_metadata)
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class CompressionReport:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    from .streaming import INDEX_NAME, SINGLE_NAME
+    from ..io.streaming import INDEX_NAME, SINGLE_NAME
 
     index = folder / INDEX_NAME
     if index.is_file():
@@ -111,7 +111,7 @@ def compress_weights(src: str | os.PathLike, dst: str | os.PathLike) -> Compress
     from ``src``) marked with the format. Other files are not copied."""
     from safetensors.torch import save_file
 
-    from .streaming import INDEX_NAME, read_safetensors, shard_name
+    from ..io.streaming import INDEX_NAME, read_safetensors, shard_name
 
     src, dst = Path(src), Path(dst)
     report = CompressionReport(dst)
@@ -177,7 +177,7 @@ def compress_weights(src: str | os.PathLike, dst: str | os.PathLike) -> Compress
 def copy_side_files(src: Path, dst: Path) -> None:
     """Everything of a model folder but its weights, config and record
     (tokenizer, generation config, ...), copied as it is."""
-    from .save import RECORD_NAME
+    from ..io.save import RECORD_NAME
 
     skip = {"model.safetensors.index.json", "config.json", RECORD_NAME}
     for p in sorted(src.iterdir()):
@@ -186,7 +186,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def compressing(dense_writer, record: dict):
-    """A ``write_weights(folder)`` for :func:`d2prune.save.save_pruned` that
+    """A ``write_weights(folder)`` for :func:`d2prune.io.save.save_pruned` that
     writes the dense weights with ``dense_writer`` into a staging folder
     inside ``folder``, compresses them into ``folder`` and removes the staging
     copy (the disk briefly holds both); ``record`` gains ``compression``."""
@@ -206,7 +206,7 @@ def compress_folder(src: str | os.PathLike, out: str | os.PathLike, overwrite: b
     """``d2prune compress SRC OUT``: a pruned folder re-saved compressed, with
     its tokenizer, generation config and ``d2prune.json`` (gaining a
     ``compression`` section), written atomically like every d2prune output."""
-    from .save import RECORD_NAME, save_pruned
+    from ..io.save import RECORD_NAME, save_pruned
 
     src = Path(src).expanduser()
     if not src.is_dir():
@@ -238,13 +238,13 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype | str | None =
     """Load a compressed folder as an ordinary dense ``transformers`` model,
     without transformers' quantizer machinery (so with any transformers 5.x):
     the skeleton is built on the meta device and every weight is read - and
-    decompressed - one tensor at a time (:class:`~d2prune.streaming.CompressedReader`).
+    decompressed - one tensor at a time (:class:`~d2prune.io.streaming.CompressedReader`).
     The same weights as ``AutoModelForCausalLM.from_pretrained(folder)`` after
     ``import d2prune`` (tested)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from .streaming import CompressedReader, tied_parameters
+    from ..io.streaming import CompressedReader, tied_parameters
 
     folder = Path(folder)
     if not is_compressed(folder):
@@ -283,7 +283,7 @@ def register_with_transformers() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from ._hf_quantizer import register
+    from .quantizer import register
 
     register()
     _REGISTERED = True

@@ -3,11 +3,11 @@
 transformers (5.x) loads pre-quantized checkpoints through a registered
 quantizer whose *dequantize* operation maps each module's serialized tensors
 (``weight_shape``, ``weight_bitmask``, ``weight_values``, ... - see
-:mod:`d2prune.compress`) to its dense ``weight`` while the checkpoint is read,
+:mod:`d2prune.deploy.compress`) to its dense ``weight`` while the checkpoint is read,
 one module at a time. With ``dequantize = True`` transformers then drops the
 quantization config: the returned model is an ordinary dense model (saving it
 again writes a dense checkpoint, never a mislabelled one). Imported lazily by
-:func:`d2prune.compress.register_with_transformers` (``import d2prune`` calls it).
+:func:`d2prune.deploy.compress.register_with_transformers` (``import d2prune`` calls it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .sparse_format import (FORMAT, QUANT_METHOD, SUFFIXES, VERSION, checksum, checksum_error, decompress_matrix,
+from ..io.sparse_format import (FORMAT, QUANT_METHOD, SUFFIXES, VERSION, checksum, checksum_error, decompress_matrix,
                             expected_checksums)
 
 # The quantizer relies on transformers' load operations ("dequantize" ops that

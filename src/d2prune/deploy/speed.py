@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import D2PruneError
-from .modeling import find_blocks, find_prunable, weight_matrix
+from ..errors import D2PruneError
+from ..io.modeling import find_blocks, find_prunable, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -713,7 +713,7 @@ def cuda_tables(res: dict) -> str:
 # --------------------------------------------------------------------------- loading
 def load_for_speed(model: str | None, dtype: torch.dtype):
     """The model to time: a compressed d2prune folder through
-    ``d2prune.compress.from_pretrained`` (decompressed, dense), anything else
+    ``d2prune.deploy.compress.from_pretrained`` (decompressed, dense), anything else
     (folder, hub id, ``.gguf``; None = the default SmolLM2) through ``load_model``."""
     if model is not None and Path(model).is_dir():
         try:
@@ -721,7 +721,7 @@ def load_for_speed(model: str | None, dtype: torch.dtype):
         except (ImportError, AttributeError):  # the compressed format is optional
             is_compressed = None
         if is_compressed is not None and is_compressed(model):
-            from .modeling import resolve_source
+            from ..io.modeling import resolve_source
 
             resolve_source(model)  # refuse remote code / non-decoders before reading weights, as load_model does
             try:
@@ -729,10 +729,10 @@ def load_for_speed(model: str | None, dtype: torch.dtype):
             except D2PruneError:
                 raise
             except Exception as e:  # transformers raises many types
-                from .errors import first_line
+                from ..errors import first_line
 
                 raise D2PruneError(f"could not load the compressed model {model}: {type(e).__name__}: {first_line(e)}") from e
-    from .modeling import load_model
+    from ..io.modeling import load_model
 
     return load_model(model, dtype=dtype)[0]
 

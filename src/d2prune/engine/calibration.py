@@ -1,12 +1,12 @@
 """One block's calibration and pruning, and the contract of what drives it.
 
 Below both the plain prune (:mod:`d2prune.pruning`) and the searches over
-candidate settings (:mod:`d2prune.selection`), so neither imports the other:
+candidate settings (:mod:`d2prune.methods.d2prune.search`), so neither imports the other:
 
 * :class:`BlockLayers` - a block's prunable Linears with their qualified
   names, and the method's per-layer wrappers for them;
 * :func:`calibrate` - the block's dense calibration pass: hooks feed one
-  :class:`~d2prune.stats.InputStats` per distinct input tensor (Linears
+  :class:`~d2prune.ops.stats.InputStats` per distinct input tensor (Linears
   reading the same tensor - q/k/v, gate/up - share it) and every wrapper that
   watches its layer's output (:class:`BlockObserver`);
 * :func:`prune_layers` - every Linear pruned by its wrapper, one
@@ -28,14 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .config import MethodConfig, PruneConfig, to_dict
-from .engine import BlockInputs, BlockSource, check_finite, forward_hooks, run_block, sample_batches
-from .masks import ROW_CHUNK_ELEMENTS
-from .methods.base import LayerPruner, Method
-from .modeling import STORAGE_DTYPE, Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
-from .resume import WorkFolder
-from .streaming import block_tensors
-from .stats import InputStats, StatKey
+from ..config import MethodConfig, PruneConfig, to_dict
+from .sequential import BlockInputs, BlockSource, check_finite, forward_hooks, run_block, sample_batches
+from ..ops.masks import ROW_CHUNK_ELEMENTS
+from .method import LayerPruner, Method
+from ..io.modeling import STORAGE_DTYPE, Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
+from ..io.resume import WorkFolder
+from ..io.streaming import block_tensors
+from ..ops.stats import InputStats, StatKey
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from .calibration import BlockLayers, PruneRun, calibrate
-from .config import Sparsity
-from .engine import BlockInputs, propagate, sequential
-from .errors import D2PruneError
-from .methods.base import LayerPruner
-from .modeling import weight_matrix
+from ..config import Sparsity
+from .sequential import BlockInputs, propagate, sequential
+from ..errors import D2PruneError
+from .method import LayerPruner
+from ..io.modeling import weight_matrix
 
 log = logging.getLogger(__name__)
 
