@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import PruneConfig, to_dict
-from .io.data import calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
+from .io.data import EVAL_SETS, calibration_texts, eval_text, eval_windows, heldout_windows, sample_calibration
 from .errors import D2PruneError
 from .evaluation.perplexity import PerplexityResult, perplexity
 from .io.modeling import (check_seqlen, default_seqlen, image_classifier_class, is_image_model, load_model, pick_device,
@@ -29,9 +29,6 @@ from .io.save import RECORD_NAME, check_output_dir, library_versions, save_prune
 from .io.streaming import available_ram, open_model, write_sharded
 
 log = logging.getLogger(__name__)
-
-C4_EVAL_WINDOWS = 256
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -92,8 +89,7 @@ def eval_window_sets(tokenizer, texts: dict[str, str], seqlen: int) -> dict[str,
     out = {}
     for name, text in texts.items():
         windows = eval_windows(tokenizer, text, seqlen, what=f"the {name} evaluation text")
-        # SparseGPT protocol for C4: the first 256 windows of the joined validation text
-        out[name] = windows[:C4_EVAL_WINDOWS] if name == "c4" else windows
+        out[name] = windows[:EVAL_SETS[name].max_windows]  # C4: SparseGPT's first 256 windows
     return out
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,25 @@ C4_TRAIN = ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz"},
 C4_VALIDATION = ("allenai/c4", None, {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "validation")
 WIKITEXT2_TEST = ("wikitext", "wikitext-2-raw-v1", None, "test")
 C4_EVAL_DOCS = 1100  # SparseGPT protocol: first 1100 validation documents
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """An evaluation text and its protocol (docs/method.md §5): where the hub
+    keeps it, how many of its documents are joined (``None``: all) and how
+    many windows of the joined text are scored (``None``: all)."""
+
+    name: str
+    hub: tuple
+    max_docs: int | None = None
+    max_windows: int | None = None
+
+
+EVAL_SETS = {
+    "wikitext2": EvalSet("wikitext2", WIKITEXT2_TEST),
+    # SparseGPT's C4 protocol: the first 1100 validation documents, the first 256 windows of their text
+    "c4": EvalSet("c4", C4_VALIDATION, max_docs=C4_EVAL_DOCS, max_windows=256),
+}
 
 
 # --------------------------------------------------------------------------- text sources
@@ -133,17 +153,11 @@ def eval_text(dataset: str = "wikitext2", path: str | Path | None = None) -> str
     C4: the first 1100 validation documents joined with "\\n\\n" (D²Prune's
     code; SparseGPT joins with " ", a difference of a few tokens per document).
     """
-    if dataset not in ("wikitext2", "c4"):
-        raise D2PruneError(f"unknown evaluation dataset {dataset!r}: use wikitext2 or c4")
-    if path:
-        rows = read_texts(path)
-    elif dataset == "wikitext2":
-        rows = hub_texts(*WIKITEXT2_TEST)
-    else:
-        rows = hub_texts(*C4_VALIDATION, limit=C4_EVAL_DOCS)
-    if dataset == "c4":
-        rows = rows[:C4_EVAL_DOCS]
-    return "\n\n".join(rows)
+    if dataset not in EVAL_SETS:
+        raise D2PruneError(f"unknown evaluation dataset {dataset!r}: use {' or '.join(EVAL_SETS)}")
+    spec = EVAL_SETS[dataset]
+    rows = read_texts(path) if path else hub_texts(*spec.hub, limit=spec.max_docs)
+    return "\n\n".join(rows[:spec.max_docs])
 
 
 # the real data files inside a ``shared/data`` folder (see find_shared_data)
