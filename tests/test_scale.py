@@ -69,15 +69,62 @@ def test_streamed_equals_in_memory(tmp_path, method):
     assert not list(tmp_path.glob(".st.*")), "work folder left behind after success"
 
 
+OFFLOAD_ARGS = ["--method", "d2prune", "--frozen", "auto", "--heldout-windows", "2"]
+
+
+@pytest.fixture(scope="module")
+def not_offloaded(tmp_path_factory):
+    """The d2prune.json and weights of a run whose activations stay where they are."""
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    return _prune(STORIES, out, *OFFLOAD_ARGS), _weights(out)
+
+
+def _no_out(monkeypatch, capsys, tmp_path, *extra) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A prune without --out: its record and the pruned model's tensors (taken
+    from the model object the pipeline pruned); the temporary folders it may
+    make go to ``tmp_path / "tmp"``, which must be empty again afterwards."""
+    import tempfile
+
+    import d2prune.pipeline as pipeline
+
+    pruned, real = [], pipeline.prune
+    monkeypatch.setattr(pipeline, "prune", lambda model, *a, **k: pruned.append(model) or real(model, *a, **k))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    capsys.readouterr()
+    assert main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,
+                 *OFFLOAD_ARGS, "--json", *extra]) == 0
+    assert not list((tmp_path / "tmp").iterdir()), "temporary files left behind"
+    (model,) = pruned
+    return json.loads(capsys.readouterr().out), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
-def test_offloaded_activations_give_the_same_model(tmp_path, offload):
-    args = ["--method", "d2prune", "--frozen", "auto", "--heldout-windows", "2"]
-    ref = _prune(STORIES, tmp_path / "ref", *args)
-    off = _prune(STORIES, tmp_path / "off", *args, "--offload-activations", offload)
+def test_offloaded_activations_give_the_same_model(tmp_path, monkeypatch, capsys, not_offloaded, offload):
+    """--offload-activations cpu|disk, with and without --out: the tensors of
+    the run that keeps its activations."""
+    ref, ref_weights = not_offloaded
+    off = _prune(STORIES, tmp_path / "off", *OFFLOAD_ARGS, "--offload-activations", offload)
     assert off["memory"]["offload_activations"] == offload
-    _same(_weights(tmp_path / "ref"), _weights(tmp_path / "off"))
+    _same(ref_weights, _weights(tmp_path / "off"))
     assert off["method_summary"]["heldout_ppl"] == ref["method_summary"]["heldout_ppl"]
     assert not list(tmp_path.glob(".off.*")), "activation files left behind"
+
+    rec, tensors = _no_out(monkeypatch, capsys, tmp_path, "--offload-activations", offload)
+    assert rec["memory"]["offload_activations"] == offload
+    _same(ref_weights, {k: tensors[k] for k in ref_weights})
+    assert rec["evaluation"] == ref["evaluation"]
+
+
+def test_activations_offloaded_by_choice_without_out(tmp_path, monkeypatch, capsys, not_offloaded):
+    """What a GPU run does by itself when the activations do not fit on the
+    device (host RAM, chosen by auto_offload), without --out."""
+    import d2prune.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "auto_offload", lambda *a: "cpu")
+    rec, tensors = _no_out(monkeypatch, capsys, tmp_path)
+    assert rec["memory"]["offload_activations"] == "cpu"
+    _same(not_offloaded[1], {k: tensors[k] for k in not_offloaded[1]})
 
 
 @pytest.fixture(scope="module")

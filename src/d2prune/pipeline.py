@@ -192,10 +192,12 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
             WorkFolder.temporary("d2prune-", identity, writer=main)
     private = None  # a scratch folder of this process alone (another rank of a torchrun job), removed at the end
     if offload is not None:
-        if not work.writer:
-            private = Path(tempfile.mkdtemp(prefix="d2prune-act-"))
-        scratch = (private or work.ensure()) / "activations"
-        opened.source.activations = ActivationStore(offload, scratch if offload == "disk" else None)
+        scratch = None  # host RAM needs no folder (and a run without --out may have no work folder)
+        if offload == "disk":  # files: beside the output in the work folder (a temporary one without --out)
+            if not work.writer:
+                private = Path(tempfile.mkdtemp(prefix="d2prune-act-"))
+            scratch = (private or work.ensure()) / "activations"
+        opened.source.activations = ActivationStore(offload, scratch)
     calib, heldout = distributed.shard(calib), distributed.shard(heldout)  # torchrun: this process's samples
     heldout_labels = distributed.shard(heldout_labels)
     try:
