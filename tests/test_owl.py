@@ -128,3 +128,34 @@ def test_owl_refuses_nm_and_bad_options(capsys):
     assert main(["prune", "--model", str(STORIES), "--sparsity", "2:4", "--allocation", "owl", "--no-eval"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "N:M" in err
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_owl_allocation_pass_builds_no_hessian(monkeypatch, method):
+    """The allocation pass needs Wanda's activation norms only: no Hessian
+    (d_in^2 per input, for the per-layer error or the method) is accumulated
+    in it; the prune after it still builds its own."""
+    from conftest import tiny_model
+    from d2prune import allocation, stats
+
+    built = {"allocation": 0, "prune": 0}
+    where = ["prune"]
+    real_init, real_owl = stats.RunningHessian.__init__, allocation.owl_allocation
+
+    def counting_init(self, *a, **k):
+        built[where[0]] += 1
+        real_init(self, *a, **k)
+
+    def owl(*a, **k):
+        where[0] = "allocation"
+        try:
+            return real_owl(*a, **k)
+        finally:
+            where[0] = "prune"
+
+    monkeypatch.setattr(stats.RunningHessian, "__init__", counting_init)
+    monkeypatch.setattr(allocation, "owl_allocation", owl)
+    report = prune(tiny_model("llama"), PruneConfig(method=method, sparsity=0.6, allocation="owl", device="cpu"),
+                   torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)))
+    assert report.method["allocation"]["kind"] == "owl"
+    assert built["allocation"] == 0 and built["prune"] > 0, built
