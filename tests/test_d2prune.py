@@ -30,9 +30,9 @@ def block0_io(stories, stories_calib):
     return {n: ([inp[0][0].clone() for inp, _ in c], [out[0].clone() for _, out in c]) for n, c in calls.items()}
 
 
-def closed_form(X, Y, variant):
-    """The D²Prune statistics in closed form (float64). faithful/paper: the
-    authors' running buffers are index-weighted sums (1/N) sum_k k t_k."""
+def closed_form(X, Y, variant, S=S):
+    """The D²Prune statistics in closed form (float64), scale ``S``. faithful/paper:
+    the authors' running buffers are index-weighted sums (1/N) sum_k k t_k."""
     N = len(X)
     nx = torch.stack([x.double().norm(dim=0) for x in X])  # [N, d_in]: ||X_k[:, j]||
     ny = torch.stack([y.double().norm(dim=0) for y in Y])
@@ -52,34 +52,54 @@ def _pruned_d2(stories, calib, frozen, variant, sparsity=0.5, heldout=None, **op
     return model, prune(model, cfg, calib, heldout)
 
 
+# Settings where the activation terms move the masks (checked below): at the
+# defaults (r1 = 1, r2 = 0, s = 1500) they move none of block 0's k_proj or
+# q_proj on stories260K, so a wrong y or dx would go unseen. paper and
+# normalized D2-Wanda rank |W| dx almost as Wanda does (a_j ~ (s dx_j)^2), so
+# only a large r2 (non-monotone in |W| dx) moves their masks.
+ACTIVE = [("faithful", 1.0, 5.0, 30.0), ("paper", 1.0, 5.0, 10.0), ("normalized", 1.0, 8.0, 2.0)]
+
+
+def _row_mask(score, ratio=0.5):
+    k = int(score.shape[1] * ratio)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :k], True)
+
+
 @needs_shared
-@pytest.mark.parametrize("variant", ["faithful", "paper", "normalized"])
-def test_d2_wanda_layer_equals_closed_form(stories, stories_calib, block0_io, variant):
-    """The frozen k_proj of block 0: mask from the independent score."""
+@pytest.mark.parametrize("variant,r1,r2,s", ACTIVE)
+def test_d2_wanda_layer_equals_closed_form(stories, stories_calib, block0_io, variant, r1, r2, s):
+    """The frozen k_proj of block 0: mask from the independent score
+    ``W^2 a + r1 y |W| dx^e - r2 W^2 dx^2``, at settings where both activation
+    terms change it (against Wanda's W^2 a, and against r2 = 0)."""
     X, Y = block0_io["self_attn.k_proj"]
-    st = closed_form(X, Y, variant)
+    st = closed_form(X, Y, variant, s)
     W = weight_matrix(stories[0].model.layers[0].self_attn.k_proj).double()
     e = 0 if variant == "faithful" else 1
-    score = W ** 2 * st["a"] + 1.0 * st["y"].reshape(-1, 1) * W.abs() * st["dx_w"] ** e  # r1 = 1, r2 = 0
-    k = int(W.shape[1] * 0.5)
-    ref_mask = torch.zeros_like(W, dtype=torch.bool).scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :k], True)
-    model, _ = _pruned_d2(stories, stories_calib, "k", variant)
+    first = W ** 2 * st["a"] + r1 * st["y"].reshape(-1, 1) * W.abs() * st["dx_w"] ** e
+    ref_mask = _row_mask(first - r2 * W ** 2 * st["dx_w"] ** 2)
+    assert (ref_mask != _row_mask(W ** 2 * st["a"])).float().mean() > 0.02  # not Wanda's mask
+    assert (ref_mask != _row_mask(first)).float().mean() > 0.01  # the r2 (dx^2) term moves it too
+    model, _ = _pruned_d2(stories, stories_calib, "k", variant, r1=r1, r2=r2, s=s)
     got = weight_matrix(model.model.layers[0].self_attn.k_proj)
     assert torch.equal(got == 0, ref_mask)
     assert torch.equal(got[~ref_mask], weight_matrix(stories[0].model.layers[0].self_attn.k_proj)[~ref_mask])  # no update
 
 
 @needs_shared
-@pytest.mark.parametrize("variant", ["faithful", "normalized"])
-def test_d2_sparsegpt_layer_equals_textbook_obs_with_d2_score(stories, stories_calib, block0_io, variant):
-    """Block 0's q_proj (d_in 64 = one column block): OBS with the eq 10 score."""
+@pytest.mark.parametrize("variant,r1,r2,s", [a for a in ACTIVE if a[0] != "paper"])  # paper's = faithful's here
+def test_d2_sparsegpt_layer_equals_textbook_obs_with_d2_score(stories, stories_calib, block0_io, variant, r1, r2, s):
+    """Block 0's q_proj (d_in 64 = one column block): OBS with the eq 10 score
+    ``W^2 / U_jj^2 + r1 y |W| dx - r2 W^2 dx^2``, at settings where the
+    activation terms change the mask (against plain SparseGPT's)."""
     X, Y = block0_io["self_attn.q_proj"]
-    st = closed_form(X, Y, variant)
+    st = closed_form(X, Y, variant, s)
     W = weight_matrix(stories[0].model.layers[0].self_attn.q_proj).double()
-    # textbook OBS; its mask uses W^2 / [H_F^-1]_jj^2 + r1 * y |W| dx
-    extra = lambda Wb, cols: 1.0 * st["y"].reshape(-1, 1) * Wb.abs() * st["dx_sg"][cols].reshape(1, -1)
+    dx, y = st["dx_sg"], st["y"].reshape(-1, 1)
+    # textbook OBS; its mask uses W^2 / [H_F^-1]_jj^2 + r1 * y |W| dx - r2 W^2 dx^2
+    extra = lambda Wb, cols: r1 * y * Wb.abs() * dx[cols].reshape(1, -1) - r2 * Wb ** 2 * dx[cols].reshape(1, -1) ** 2
     ref, ref_mask = textbook_obs(W, st["H"], Sparsity.parse("0.5"), extra=extra)
-    model, _ = _pruned_d2(stories, stories_calib, "k", variant)
+    assert (ref_mask != textbook_obs(W, st["H"], Sparsity.parse("0.5"))[1]).float().mean() > 0.02  # not SparseGPT's
+    model, _ = _pruned_d2(stories, stories_calib, "k", variant, r1=r1, r2=r2, s=s)
     got = weight_matrix(model.model.layers[0].self_attn.q_proj).double()
     assert torch.equal(got == 0, ref_mask)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

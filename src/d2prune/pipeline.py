@@ -166,8 +166,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
         windows = eval_window_sets(tokenizer, texts, seqlen)
         calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), docs)
     samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
-    hessian = config.method.uses_hessian
-    deltas = config.layer_error and not hessian  # the per-layer error keeps W - W' for the propagation pass
+    hessian = config.method.uses_hessian or config.layer_error  # the per-layer error reads a Hessian (every method)
+    deltas = False
     buffers = config.method.activation_buffers
     whole = config.method.whole_model_bytes_per_weight
     budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)

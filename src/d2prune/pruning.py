@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .methods.d2prune import search as _selection  # noqa: F401  (registers D²Prune's searches)
-from .engine.calibration import (BlockLayers, CalibrationOptions, LayerReport, OutputError, PruneOutcome, PruneRun,
-                          calibrate, find_search, prune_layers, resume_point, save_block)
+from .engine.calibration import (BlockLayers, CalibrationOptions, LayerReport, PruneOutcome, PruneRun, calibrate,
+                                 find_search, prune_layers, resume_point, save_block)
 from .config import PruneConfig, Sparsity, to_dict
-from .engine.sequential import BlockInputs, BlockSource, check_finite, forward_hooks, propagate, sequential
+from .engine.sequential import BlockInputs, check_finite, propagate, sequential
+from .io.source import BlockSource
 from .errors import D2PruneError
 from .engine.method import Method, build_method
 from .io.modeling import compute_dtype_for, find_blocks, find_prunable, in_features, is_image_model, pick_device
@@ -93,15 +94,9 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
         t0 = time.perf_counter()
         obs = calibrate(block, layers, inputs, {n: [p] for n, p in pruners.items()}, run.options)
         out.calib_seconds += time.perf_counter() - t0
-        deltas: dict = {}
-        rows = prune_layers(layers, pruners, obs.stats, deltas=deltas if run.options.error_from_outputs else None)
-        out.layers.extend(rows)
+        out.layers.extend(prune_layers(layers, pruners, obs.stats))
         del obs
-        errors = OutputError(layers, deltas)
-        with forward_hooks(errors.hooks()):
-            propagate(block, i, inputs, run.options.batch)
-        errors.fill(rows)
-        del deltas, errors
+        propagate(block, i, inputs, run.options.batch)
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 
     def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:

@@ -123,7 +123,8 @@ def owl_allocation(run: PruneRun, target: Sparsity, m: float, lam: float) -> All
     def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         layers = BlockLayers.find(block, i, run.blocks.prefix)
         watchers = {n: [_InputNorms(layers.qualified[n], target)] for n in layers.layers}
-        obs = calibrate(block, layers, inputs, watchers, run.options)
+        # only Wanda's activation norms: no Hessian for a per-layer error (nothing is pruned in this pass)
+        obs = calibrate(block, layers, inputs, watchers, run.options.without_error())
         scores = []
         for n, layer in layers.layers.items():
             a = obs.stats[n]["sq_norm"].value.float().sqrt().reshape(1, -1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -29,10 +29,11 @@ from torch import Tensor, nn
 
 from . import distributed
 from ..config import MethodConfig, PruneConfig, to_dict
-from .sequential import BlockInputs, BlockSource, check_finite, forward_hooks, run_block, sample_batches
+from .sequential import BlockInputs, check_finite, forward_hooks, run_block, sample_batches
+from ..io.source import BlockSource
 from ..ops.masks import ROW_CHUNK_ELEMENTS
 from .method import LayerPruner, Method
-from ..io.modeling import STORAGE_DTYPE, Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
+from ..io.modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from ..io.resume import WorkFolder
 from ..io.streaming import block_tensors
 from ..ops.stats import InputStats, StatKey
@@ -57,13 +58,12 @@ FAST_BATCH = 8  # --fast: samples per block forward
 class CalibrationOptions:
     """What a calibration pass collects besides the methods' own statistics.
 
-    ``extra_stats``: e.g. ``("hessian",)`` for the per-layer reconstruction
-    error; ``share_inputs``: one statistics object per distinct input tensor
+    ``extra_stats``: ``("hessian",)`` for the per-layer reconstruction error;
+    ``share_inputs``: one statistics object per distinct input tensor
     (False: one per Linear, the references' way; same numbers, more work)."""
 
     extra_stats: tuple[StatKey, ...] = ()
     share_inputs: bool = True
-    error_from_outputs: bool = False
     batch: int = 1  # samples per block forward (--fast); 1 = the references' order of float operations
 
     @property
@@ -72,21 +72,28 @@ class CalibrationOptions:
 
     @classmethod
     def of(cls, config: PruneConfig) -> "CalibrationOptions":
-        """The per-layer error comes from the Hessian where the method builds
-        one anyway (``tr(dW H dW^T)``, d_out * d_in^2); a method without one
-        measures it on the propagation pass instead (d_out * d_in * tokens,
-        about one more forward of the layer), never accumulating a Hessian
-        (d_in^2 * tokens) only for a statistic."""
-        hessian = config.layer_error and config.method.uses_hessian
-        return cls(("hessian",) if hessian else (), config.share_inputs, config.layer_error and not hessian,
-                   FAST_BATCH if config.fast else 1)
+        """The per-layer error (:func:`relative_error`) of every method comes
+        from the Gram matrix of its layer's calibration inputs: the method's
+        own Hessian where it builds one, else one accumulated for the error
+        (``--no-layer-error`` skips it). One definition for every method, so
+        the ``error`` column compares methods (docs/method.md §1)."""
+        return cls(("hessian",) if config.layer_error else (), config.share_inputs, FAST_BATCH if config.fast else 1)
+
+    def without_error(self) -> "CalibrationOptions":
+        """The same options without the per-layer error's Hessian (for a pass that prunes nothing)."""
+        return replace(self, extra_stats=())
 
 
 def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
-    """``||W X - W' X||^2 / ||W X||^2`` over the calibration inputs, from the
-    (scaled) Gram matrix ``H`` of ``X``: ``tr(dW H dW^T) / tr(W H W^T)``.
-    ``W`` may be in any dtype (it is read in fp32); rows are taken a chunk at
-    a time so no full-size ``dW`` / ``dW H`` temporaries exist."""
+    """The per-layer error of every method: ``||W X - W' X||^2 / ||W X||^2``
+    (no bias: it is not pruned, and would only dilute the ratio) where ``X``
+    holds the inputs the layer received in its block's dense calibration pass
+    (the pass the method's statistics come from: the block's inputs are the
+    outputs of the already pruned earlier blocks, and inside the block every
+    layer is still dense). Computed from the (scaled) Gram matrix ``H`` of
+    ``X`` as ``tr(dW H dW^T) / tr(W H W^T)``. ``W`` may be in any dtype (it is
+    read in fp32); rows are taken a chunk at a time so no full-size ``dW`` /
+    ``dW H`` temporaries exist."""
     rows = max(1, ROW_CHUNK_ELEMENTS // max(1, W.shape[1]))
     num = den = 0.0
     for i in range(0, W.shape[0], rows):
@@ -224,11 +231,10 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
 
 @torch.no_grad()
 def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: dict[str, InputStats],
-                 tag: str = "", deltas: dict[str, Tensor] | None = None) -> list[LayerReport]:
+                 tag: str = "") -> list[LayerReport]:
     """Prune every layer with its wrapper; one report row per layer (logged,
-    prefixed by ``tag``, e.g. the candidate of a search). With ``deltas``,
-    each layer's ``W - W'`` is kept there for :class:`OutputError` (layers
-    whose statistics have no Hessian to give the error)."""
+    prefixed by ``tag``, e.g. the candidate of a search), with the per-layer
+    error where the statistics hold a Hessian (unless ``--no-layer-error``)."""
     rows = []
     for n, layer in layers.layers.items():
         t1 = time.perf_counter()
@@ -239,18 +245,9 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         # one fp32 working copy, which the wrapper prunes in place
         W_new, _ = pruners[n].prune(dense.to(torch.float32, copy=True), st)
         err = relative_error(dense, W_new, st["hessian"].H) if "hessian" in st else None
-        dW = dense.float() - W_new if err is None and deltas is not None else None
         set_weight_matrix(layer, W_new)
         distributed.broadcast_([layer.weight.data])  # every process continues with rank 0's block
-        if dW is not None:
-            # what was taken away as the layer will compute it: W - W' where W' is
-            # the weight after the write-back (rounded to storage, rank 0's)
-            dW.add_(W_new.sub_(weight_matrix(layer).float()))
-            stored = layer.weight.dtype if getattr(layer.weight, STORAGE_DTYPE, None) is None else \
-                getattr(layer.weight, STORAGE_DTYPE)
-            compact = dW.to(stored)  # a mask-only method removes stored values: exact in the storage dtype
-            deltas[n] = compact if torch.equal(compact.float(), dW) else dW
-        del W_new, dW
+        del W_new
         W = weight_matrix(layer)
         achieved = float((W == 0).sum()) / W.numel()
         row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label)
@@ -258,40 +255,6 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
                  f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
     return rows
-
-
-class OutputError:
-    """``||W X - W' X||^2 / ||W X||^2`` of each pruned layer measured on the
-    propagation pass: hooks see each pruned layer's input ``X`` and output
-    ``W' X``; with ``dW = W - W'`` kept from pruning, ``W X = W' X + dW X``.
-    ``X`` is what the layer receives inside the pruned block (for a block's
-    first layers, the calibration inputs themselves)."""
-
-    def __init__(self, layers: BlockLayers, deltas: dict[str, Tensor]):
-        self.layers, self.deltas = layers, deltas
-        self.num = dict.fromkeys(deltas, 0.0)
-        self.den = dict.fromkeys(deltas, 0.0)
-
-    def hooks(self):
-        def make(name: str):
-            def hook(module, inp, out):
-                x = inp[0].detach()
-                y = (out[0] if isinstance(out, tuple) else out).detach().float()
-                e = x.float() @ self.deltas[name].t().float()
-                self.num[name] += float((e * e).sum())
-                self.den[name] += float(((y + e) ** 2).sum())
-            return hook
-        return {self.layers.layers[n]: make(n) for n in self.deltas}
-
-    def fill(self, rows: list[LayerReport]) -> None:
-        names = list(self.deltas)
-        sums = distributed.all_sum([self.num[n] for n in names] + [self.den[n] for n in names])
-        self.num, self.den = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
-        by_name = {self.layers.qualified[n]: n for n in self.deltas}
-        for row in rows:
-            n = by_name.get(row.name)
-            if n is not None:
-                row.error = self.num[n] / self.den[n] if self.den[n] > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- driver contract
