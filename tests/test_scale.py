@@ -300,7 +300,8 @@ def test_half_checkpoint_computes_like_its_fp32_copy(stories_bf16):
     weights loaded as fp32."""
     from transformers import AutoModelForCausalLM
 
-    from d2prune.engine.sequential import BlockSource, sequential_logits
+    from d2prune.engine.sequential import sequential_logits
+    from d2prune.io.source import BlockSource
     from d2prune.io.modeling import find_blocks
 
     half = AutoModelForCausalLM.from_pretrained(stories_bf16, dtype=torch.bfloat16)

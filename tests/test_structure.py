@@ -228,3 +228,43 @@ def test_toy_method_through_the_whole_command(keep_first, tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert '"name": "keep-first"' in out.out and (tmp_path / "out" / "d2prune.json").is_file()
+
+
+# --------------------------------------------------------------------------- layering
+# The package's folders are a map of its architecture; each may import only the layers below it
+# (and itself). Rank 0: the foundation modules at the top level; the applications (the public
+# prune() entry point, the pipeline, CLI, sweep, fine-tuning, demo) sit above everything.
+FOUNDATION = {"d2prune.errors", "d2prune.config"}
+LAYERS = {"ops": 1, "io": 2, "engine": 3, "deploy": 3, "evaluation": 4, "methods": 5}
+APPLICATIONS = 9
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS):
+        return parts[1], LAYERS[parts[1]]
+    return ("foundation", 0) if module in FOUNDATION else ("applications", APPLICATIONS)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for m, deps in sorted(graph.items()):
+        name, rank = layer_of(m)
+        for d in sorted(deps):
+            dname, drank = layer_of(d)
+            if dname != name and drank >= rank:
+                bad.append(f"{m} ({name}) imports {d} ({dname})")
+    return bad
+
+
+def test_every_subpackage_imports_only_layers_below_it():
+    graph = import_graph()
+    assert {layer_of(m)[0] for m in graph} == set(LAYERS) | {"foundation", "applications"}, "a folder has no layer"
+    assert upward_imports(graph) == []
+
+
+def test_the_layering_check_sees_an_upward_import():
+    graph = import_graph()
+    graph["d2prune.io.resume"] = graph["d2prune.io.resume"] | {"d2prune.engine.calibration"}
+    graph["d2prune.engine.method"] = graph["d2prune.engine.method"] | {"d2prune.deploy.compress"}
+    assert len(upward_imports(graph)) == 2

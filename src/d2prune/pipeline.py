@@ -23,7 +23,7 @@ from .io.modeling import (check_seqlen, default_seqlen, image_classifier_class, 
 from .pruning import PruneReport, prune
 from .engine import distributed
 from .io.budget import auto_offload, check_fits, estimate
-from .engine.sequential import ActivationStore
+from .io.source import ActivationStore
 from .io.resume import WorkFolder, files_digest, tensor_digest
 from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
 from .io.streaming import available_ram, open_model, write_sharded

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import find_attention, kl_rows, run_with_attention
-from ..engine.sequential import capture_block_inputs, on_device
+from ..engine.sequential import capture_block_inputs
+from ..io.source import on_device
 from ..errors import D2PruneError
 from ..io.modeling import eager_attention, find_blocks
 

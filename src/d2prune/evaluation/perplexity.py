@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..engine.sequential import BlockSource, sequential_logits
+from ..engine.sequential import sequential_logits
+from ..io.source import BlockSource
 from ..errors import D2PruneError
 from ..io.modeling import pick_device
 

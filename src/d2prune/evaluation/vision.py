@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..engine.sequential import BlockSource, model_forward, sequential_logits
+from ..engine.sequential import model_forward, sequential_logits
+from ..io.source import BlockSource
 from ..errors import D2PruneError, first_line
 from ..io.modeling import pick_device
 

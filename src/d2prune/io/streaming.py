@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..engine.sequential import BlockSource, outside_on_device, place_params
+from .source import BlockSource, outside_on_device, place_params
 from ..errors import D2PruneError, first_line
 from .modeling import STORAGE_DTYPE, all_finite, Blocks, compute_dtype_for, find_blocks
 from .sparse_format import (NM_VALUES, SHAPE, VALUES, checksum, checksum_error, compressed_names, decompress_matrix,
