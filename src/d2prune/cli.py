@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
     add_method_flags(p)
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
+    p.add_argument("--targets", action="append", default=None, metavar="REGEX",
+                   help="prune only the decoder-block Linears whose full module name (model.layers.3.self_attn.q_proj) "
+                        "matches this regular expression (re.search; repeatable: any of them)")
+    p.add_argument("--ignore", action="append", default=None, metavar="REGEX",
+                   help="keep the decoder-block Linears whose full module name matches this regular expression dense "
+                        "(re.search, e.g. 'down_proj' or 'layers\\.0\\.'; repeatable). The head is never pruned; a "
+                        "pattern matching no layer is an error")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
                    help="per-block sparsity: uniform, or owl (blocks with more outlier Wanda scores pruned less, "
                         "overall sparsity kept; unstructured only)")
@@ -282,7 +289,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
         raise
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
-                         fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+                         fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                         targets=args.targets, ignore=args.ignore)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval,
@@ -299,7 +307,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ppl = "  ".join(f"{k} top-1 {v['top1']:.4f} ({v['images']}/{v['total_images']} images)" if "top1" in v else
                         f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
         zs_text = f"  zero-shot mean {record['zero_shot']['mean']:.4f}" if record.get("zero_shot") else ""
-        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}{zs_text}  "
+        dense = sum(r["how"] == "ignored" for r in record["layers"])
+        kept = f" ({record['overall_sparsity']:.4f} over every block Linear, {dense} kept dense)" if dense else ""
+        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}{kept}  {ppl}{zs_text}  "
               f"prune {record['prune_seconds']:.1f}s" + (f"  -> {args.out}" if args.out else ""))
         if "compression" in record:
             c = record["compression"]
