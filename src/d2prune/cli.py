@@ -22,13 +22,10 @@ import sys
 from pathlib import Path
 
 from .config import METHOD_CONFIGS, MethodConfig, PruneConfig, method_config, method_fields
+from .data import windows_arg
 from .errors import D2PruneError
 from .pipeline import DataConfig
 from .zeroshot import DEFAULT_BATCH_SIZE
-
-
-def _int_or_none(v: str) -> int | None:
-    return None if v.lower() in ("none", "all") else int(v)
 
 
 def _seqlen(v: str) -> int | str:
@@ -52,7 +49,8 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-file", default=None, help="local C4 .jsonl[.gz] (field 'text'); default: the hub shard via datasets")
     g.add_argument("--eval-file", default=None, help="local WikiText-2 test .jsonl or .raw; default: the hub via datasets")
     g.add_argument("--c4-eval-file", default=None, help="also report C4 perplexity on this validation .jsonl")
-    g.add_argument("--eval-windows", type=_int_or_none, default=None, help="evaluate only the first N windows (recorded)")
+    g.add_argument("--eval-windows", type=windows_arg, default=None,
+                   help="evaluate only the first N >= 1 windows (recorded; default: all)")
     g.add_argument("--heldout-windows", type=int, default=DataConfig.heldout_windows,
                    help="held-out windows (from calibration documents not sampled) on which a search scores its "
                         f"candidates (d2prune --frozen auto; default {DataConfig.heldout_windows})")
@@ -190,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--zero-shot", action="store_true", help="zero-shot accuracy (the default unless --ppl is given)")
     e.add_argument("--eval-file", default=None)
     e.add_argument("--seqlen", type=_seqlen, default=None)
-    e.add_argument("--eval-windows", type=_int_or_none, default=None)
+    e.add_argument("--eval-windows", type=windows_arg, default=None, help="the first N >= 1 windows (default: all)")
     e.add_argument("--eval-images", default=None,
                    help="an image classifier's top-1 / top-5 accuracy on this ImageFolder tree (alone: accuracy only)")
     e.add_argument("--output", default=None, help="write the results as JSON here")
@@ -216,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("diagnose", help="attention KL / RMSE of a pruned model against the dense one, per block")
     g.add_argument("--dense", default=None, help="the dense model (default: SmolLM2-135M-Instruct)")
     g.add_argument("--pruned", required=True, help="a d2prune output folder (or any model of the same architecture)")
-    g.add_argument("--eval-file", default=None, help="WikiText-2 test .jsonl (default: the hub)")
+    g.add_argument("--eval-file", default=None,
+                   help="WikiText-2 test .jsonl (default: the file the pruned folder was evaluated on, else "
+                        "../shared/data or $D2PRUNE_DATA, else the hub)")
     g.add_argument("--seqlen", type=int, default=None)
     g.add_argument("--windows", type=int, default=8, help="number of windows / images (default 8)")
     g.add_argument("--images", default=None,
