@@ -212,6 +212,31 @@ def test_argparse_errors_are_one_line(capsys, argv, match):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("d2prune: error: ") and match in err[0], err
 
 
+@pytest.mark.parametrize("command", [["prune"], ["eval", "--ppl"], ["finetune", "PRUNED", "--out", "OUT"]])
+def test_eval_windows_zero_is_refused_by_every_command(capsys, command):
+    """``--eval-windows 0`` was "all" for finetune and an error for prune and
+    eval: now an error in each, one line saying how to ask for every window
+    (``all``), which each command accepts."""
+    from d2prune.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--eval-windows", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("d2prune: error: "), err
+    assert "argument --eval-windows: '0' is not a number of windows: give N >= 1, or all for every window" in err[0]
+    parser = build_parser()
+    assert parser.parse_args([*command, "--eval-windows", "all"]).eval_windows is None
+    assert parser.parse_args([*command, "--eval-windows", "3"]).eval_windows == 3
+
+
+def test_diagnose_help_names_its_real_default_eval_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the file the pruned folder was evaluated on, else ../shared/data or $D2PRUNE_DATA, else the hub)" \
+        in text
+
+
 def test_diagnose_bad_options_before_loading(tmp_path, capsys):
     assert main(["diagnose", "--dense", str(STORIES), "--pruned", str(STORIES), "--windows", "0"]) == 2
     assert "--windows 0 must be an integer >= 1" in capsys.readouterr().err

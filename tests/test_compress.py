@@ -237,7 +237,7 @@ def test_old_transformers_refuses_instead_of_loading_random_weights(tmp_path, mo
     from transformers import AutoModelForCausalLM
 
     import d2prune
-    from d2prune import _hf_quantizer
+    from d2prune.deploy import quantizer as _hf_quantizer
 
     dense = _prune(tmp_path, str(STORIES), "0.5", "dense")
     assert main(["-q", "compress", str(dense), str(tmp_path / "comp")]) == 0

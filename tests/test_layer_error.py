@@ -116,7 +116,7 @@ def test_the_definition_is_the_one_a_biased_model_tells_apart():
 def test_no_hessian_is_built_for_wanda_without_the_layer_error(monkeypatch):
     """Wanda needs no X^T X itself: only the per-layer error asks for one, and
     ``layer_error=False`` (``--no-layer-error``) builds none."""
-    from d2prune import stats
+    from d2prune.ops import stats
 
     def refuse(self, *a, **k):
         raise AssertionError("a Hessian was accumulated for a method that does not use one")

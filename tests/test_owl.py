@@ -106,7 +106,7 @@ def _zeros_by_rule(method: str, name: str, shape: tuple[int, int], s: float) -> 
 @needs_stories
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "d2prune:frozen=k", "magnitude"])
 def test_owl_prune_follows_allocation(stories, calib, method, monkeypatch):
-    from d2prune.methods.base import LayerPruner
+    from d2prune.engine.method import LayerPruner
 
     handed: dict[str, float] = {}  # the sparsity each layer's pruner is given
     real_init = LayerPruner.__init__

@@ -22,13 +22,10 @@ import sys
 from pathlib import Path
 
 from .config import METHOD_CONFIGS, MethodConfig, PruneConfig, method_config, method_fields
+from .io.data import windows_arg
 from .errors import D2PruneError, UnknownOptionError
 from .pipeline import DataConfig
 from .evaluation.zeroshot import DEFAULT_BATCH_SIZE
-
-
-def _int_or_none(v: str) -> int | None:
-    return None if v.lower() in ("none", "all") else int(v)
 
 
 def _seqlen(v: str) -> int | str:
@@ -52,7 +49,8 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-file", default=None, help="local C4 .jsonl[.gz] (field 'text'); default: the hub shard via datasets")
     g.add_argument("--eval-file", default=None, help="local WikiText-2 test .jsonl or .raw; default: the hub via datasets")
     g.add_argument("--c4-eval-file", default=None, help="also report C4 perplexity on this validation .jsonl")
-    g.add_argument("--eval-windows", type=_int_or_none, default=None, help="evaluate only the first N windows (recorded)")
+    g.add_argument("--eval-windows", type=windows_arg, default=None,
+                   help="evaluate only the first N >= 1 windows (recorded; default: all)")
     g.add_argument("--heldout-windows", type=int, default=DataConfig.heldout_windows,
                    help="held-out windows (from calibration documents not sampled) on which a search scores its "
                         f"candidates (d2prune --frozen auto; default {DataConfig.heldout_windows})")
@@ -148,6 +146,13 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", default="0.5", help="unstructured ratio in [0,1) (0.5) or N:M (2:4)")
     add_method_flags(p)
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer reconstruction error (saves X^T X)")
+    p.add_argument("--targets", action="append", default=None, metavar="REGEX",
+                   help="prune only the decoder-block Linears whose full module name (model.layers.3.self_attn.q_proj) "
+                        "matches this regular expression (re.search; repeatable: any of them)")
+    p.add_argument("--ignore", action="append", default=None, metavar="REGEX",
+                   help="keep the decoder-block Linears whose full module name matches this regular expression dense "
+                        "(re.search, e.g. 'down_proj' or 'layers\\.0\\.'; repeatable). The head is never pruned; a "
+                        "pattern matching no layer is an error")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
                    help="per-block sparsity: uniform, or owl (blocks with more outlier Wanda scores pruned less, "
                         "overall sparsity kept; unstructured only)")
@@ -192,7 +197,7 @@ def add_eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--zero-shot", action="store_true", help="zero-shot accuracy (the default unless --ppl is given)")
     e.add_argument("--eval-file", default=None)
     e.add_argument("--seqlen", type=_seqlen, default=None)
-    e.add_argument("--eval-windows", type=_int_or_none, default=None)
+    e.add_argument("--eval-windows", type=windows_arg, default=None, help="the first N >= 1 windows (default: all)")
     e.add_argument("--eval-images", default=None,
                    help="an image classifier's top-1 / top-5 accuracy on this ImageFolder tree (alone: accuracy only)")
     e.add_argument("--output", default=None, help="write the results as JSON here")
@@ -221,7 +226,9 @@ def add_tasks_arguments(t: argparse.ArgumentParser) -> None:
 def add_diagnose_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--dense", default=None, help="the dense model (default: SmolLM2-135M-Instruct)")
     g.add_argument("--pruned", required=True, help="a d2prune output folder (or any model of the same architecture)")
-    g.add_argument("--eval-file", default=None, help="WikiText-2 test .jsonl (default: the hub)")
+    g.add_argument("--eval-file", default=None,
+                   help="WikiText-2 test .jsonl (default: the file the pruned folder was evaluated on, else "
+                        "../shared/data or $D2PRUNE_DATA, else the hub)")
     g.add_argument("--seqlen", type=int, default=None)
     g.add_argument("--windows", type=int, default=8, help="number of windows / images (default 8)")
     g.add_argument("--images", default=None,
@@ -295,7 +302,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     except UnknownOptionError as e:
         raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
-                         fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+                         fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                         targets=args.targets, ignore=args.ignore)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval,
@@ -312,7 +320,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ppl = "  ".join(f"{k} top-1 {v['top1']:.4f} ({v['images']}/{v['total_images']} images)" if "top1" in v else
                         f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
         zs_text = f"  zero-shot mean {record['zero_shot']['mean']:.4f}" if record.get("zero_shot") else ""
-        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}  {ppl}{zs_text}  "
+        dense = sum(r["how"] == "ignored" for r in record["layers"])
+        kept = f" ({record['overall_sparsity']:.4f} over every block Linear, {dense} kept dense)" if dense else ""
+        print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}{kept}  {ppl}{zs_text}  "
               f"prune {record['prune_seconds']:.1f}s" + (f"  -> {args.out}" if args.out else ""))
         if "compression" in record:
             c = record["compression"]

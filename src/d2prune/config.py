@@ -203,8 +203,15 @@ class PruneConfig:
     allocation: str = "uniform"  # per-block sparsity: uniform, or owl (outlier-weighted, docs/method.md §8)
     owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the block's mean score
     owl_lambda: float = 0.08  # OWL: block sparsities within [p - owl_lambda, p + owl_lambda]
+    # Which Linears of the decoder blocks are pruned (llm-compressor's targets / ignore): regular
+    # expressions matched with re.search against full module names (model.layers.3.self_attn.q_proj).
+    # A layer is pruned when it matches some target (no targets: every layer) and no ignore pattern.
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", _patterns(self.targets, "--targets"))
+        object.__setattr__(self, "ignore", _patterns(self.ignore, "--ignore"))
         method = self.method
         if isinstance(method, str):
             method = method_config(method)
@@ -222,6 +229,49 @@ class PruneConfig:
                 raise D2PruneError(f"--owl-lambda {self.owl_lambda} must be in (0, 1) (the paper uses 0.08)")
             if not self.owl_m > 0:
                 raise D2PruneError(f"--owl-m {self.owl_m} must be > 0 (the paper uses 5)")
+
+
+    def prunes(self, name: str) -> bool:
+        """Whether the block Linear with full module name ``name`` is pruned
+        (``targets`` / ``ignore``)."""
+        if self.targets and not any(re.search(p, name) for p in self.targets):
+            return False
+        return not any(re.search(p, name) for p in self.ignore)
+
+    def select(self, names: list[str]) -> list[str]:
+        """The layers of ``names`` (every prunable Linear of the decoder blocks,
+        full module names) that this config prunes. A pattern matching none of
+        ``names`` is an error (a typo must not silently prune everything), and
+        so is a selection that leaves nothing to prune."""
+        example = names[0] if names else "model.layers.0.self_attn.q_proj"
+        for flag, patterns in (("--targets", self.targets), ("--ignore", self.ignore)):
+            for p in patterns:
+                if not any(re.search(p, n) for n in names):
+                    raise D2PruneError(
+                        f"{flag} {p!r} matches no prunable layer (full module names inside the decoder blocks, e.g. "
+                        f"{example}; the head and embeddings are never pruned): fix the pattern")
+        selected = [n for n in names if self.prunes(n)]
+        if not selected:
+            raise D2PruneError(f"--targets {list(self.targets)} and --ignore {list(self.ignore)} leave no layer to "
+                               "prune: loosen them")
+        return selected
+
+
+def _patterns(value: Any, flag: str) -> tuple[str, ...]:
+    """A tuple of valid regular expressions from one string or a sequence of them."""
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise D2PruneError(f"{flag} takes regular expressions (a string or a list of strings), not {type(value).__name__}")
+    for p in items:
+        if not isinstance(p, str) or not p:
+            raise D2PruneError(f"{flag} takes non-empty regular expressions, got {p!r}")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise D2PruneError(f"{flag} {p!r} is not a valid regular expression: {e}") from None
+    return tuple(items)
 
 
 def to_dict(obj: Any) -> Any:

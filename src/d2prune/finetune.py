@@ -607,6 +607,8 @@ def _peft_version() -> str | None:
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .io.data import windows_arg
+
     d = FinetuneConfig()
     p.add_argument("pruned", help="a pruned model folder (`d2prune prune --out`, compressed or not, or any causal LM)")
     p.add_argument("--out", required=True, help="folder for the merged fine-tuned model (written atomically)")
@@ -626,7 +628,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-unmasked", action="store_true",
                    help="ablation: plain LoRA in training, the mask applied only when merging")
     p.add_argument("--eval-file", default=None, help="WikiText-2 test .jsonl (default: ../shared/data, else the hub)")
-    p.add_argument("--eval-windows", type=int, default=16, help="first N WikiText-2 windows (default 16; 0: all)")
+    p.add_argument("--eval-windows", type=windows_arg, default=16,
+                   help="first N >= 1 WikiText-2 windows (default 16; all: every window)")
     p.add_argument("--eval-seqlen", type=int, default=None,
                    help="evaluation window length (default: the pruned model's, else its context capped at 2048)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (default 0: never)")
@@ -641,10 +644,8 @@ def main(args: argparse.Namespace) -> int:
                          seqlen=args.seqlen, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                          lora_dropout=args.lora_dropout, lr=args.lr, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, seed=args.seed, mask_training=not args.train_unmasked)
-    if args.eval_windows is not None and args.eval_windows < 0:
-        raise D2PruneError(f"--eval-windows must be >= 0 (0: all windows), got {args.eval_windows}")
     res = finetune(args.pruned, args.out, cfg, data=args.data, eval_file=args.eval_file,
-                   eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen, save_every=args.save_every,
+                   eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, save_every=args.save_every,
                    device=args.device, overwrite=args.overwrite, restart=args.restart)
     sec = res.record["finetune"]
     print(f"finetune: wikitext2 ppl {res.ppl_before:.3f} -> {res.ppl_after:.3f} "

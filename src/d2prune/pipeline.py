@@ -283,7 +283,8 @@ def _record(opened, config: PruneConfig, data: DataConfig, seqlen: int, report: 
         "config": to_dict(config),
         "data": {**asdict(data), "seqlen": seqlen},
         "versions": library_versions(),
-        "sparsity": report.sparsity,
+        "sparsity": report.sparsity,  # over the pruned Linears; overall_sparsity: every block Linear, dense ones too
+        "overall_sparsity": report.overall_sparsity,
         "prune_seconds": report.seconds,
         "method_summary": report.method,
         "layers": [to_dict(r) for r in report.layers],

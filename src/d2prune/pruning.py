@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .methods.d2prune import search as _selection  # noqa: F401  (registers D²Prune's searches)
-from .engine.calibration import (BlockLayers, CalibrationOptions, LayerReport, PruneOutcome, PruneRun, calibrate,
+from .engine.calibration import (IGNORED, CalibrationOptions, LayerReport, PruneOutcome, PruneRun, calibrate,
                                  find_search, prune_layers, resume_point, save_block)
 from .config import PruneConfig, Sparsity, to_dict
 from .engine.sequential import BlockInputs, check_finite, propagate, sequential
@@ -46,24 +46,37 @@ class PruneReport:
 
     @property
     def sparsity(self) -> float:
-        """Achieved sparsity over all pruned Linear weights."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
+        """Achieved sparsity over the weights of the pruned Linears (the
+        layers kept dense by ``targets`` / ``ignore`` not counted)."""
+        return _weighted_sparsity([r for r in self.layers if r.how != IGNORED])
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Achieved sparsity over every Linear of the decoder blocks, those kept
+        dense included (equal to :attr:`sparsity` when none is)."""
+        return _weighted_sparsity(self.layers)
 
     def to_dict(self) -> dict:
         return {
             "config": self.config,
             "method_summary": self.method,
             "sparsity": self.sparsity,
+            "overall_sparsity": self.overall_sparsity,
             "seconds": self.seconds,
             "calib_forward_seconds": self.calib_forward_seconds,
             "layers": [to_dict(r) for r in self.layers],
         }
 
 
-def validate_pattern(model: nn.Module, sparsity: Sparsity, blocksize: int | None = None) -> None:
+def _weighted_sparsity(rows: list[LayerReport]) -> float:
+    total = sum(r.shape[0] * r.shape[1] for r in rows)
+    return sum(r.sparsity * r.shape[0] * r.shape[1] for r in rows) / max(total, 1)
+
+
+def validate_pattern(model: nn.Module, sparsity: Sparsity, blocksize: int | None = None, prunes=None) -> None:
     """N:M needs M to divide every pruned layer's input width (and, for the
-    column-block methods, the block size): fail before any work is done."""
+    column-block methods, the block size): fail before any work is done.
+    ``prunes(full module name)``: the layers pruned (default: all)."""
     if not sparsity.is_nm:
         return
     if blocksize is not None and blocksize % sparsity.m:
@@ -71,6 +84,8 @@ def validate_pattern(model: nn.Module, sparsity: Sparsity, blocksize: int | None
     blocks = find_blocks(model)
     for i, block in enumerate(blocks.layers):
         for name, layer in find_prunable(block).items():
+            if prunes is not None and not prunes(f"{blocks.prefix}.{i}.{name}"):
+                continue
             d_in = in_features(layer)
             if d_in % sparsity.m:
                 raise D2PruneError(
@@ -89,7 +104,11 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
         if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
             propagate(block, i, inputs)
             return
-        layers = BlockLayers.find(block, i, run.blocks.prefix)
+        layers = run.layers(block, i)
+        if not layers.layers:  # every Linear of the block kept dense (--ignore / --targets)
+            out.layers.extend(layers.with_ignored([]))
+            propagate(block, i, inputs, run.options.batch)
+            return
         pruners = layers.pruners(method, block)
         t0 = time.perf_counter()
         obs = calibrate(block, layers, inputs, {n: [p] for n, p in pruners.items()}, run.options)
@@ -113,7 +132,8 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
 def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None = None,
           source: BlockSource | None = None, work: WorkFolder | None = None,
           heldout_labels: Tensor | None = None) -> PruneReport:
-    """Prune every Linear of the model's decoder blocks, in place.
+    """Prune every Linear of the model's decoder blocks (or those
+    ``config.targets`` / ``config.ignore`` select), in place.
 
     ``calibration``: ``[N, L]`` token ids (see :func:`d2prune.io.data.sample_calibration`).
     ``heldout``: ``[H, L]`` token ids of text not used for calibration, needed
@@ -148,7 +168,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     blocks = source.blocks if source is not None else find_blocks(model)
     if source is None:
         source = BlockSource(blocks, compute_dtype_for(device, next(model.parameters()).dtype))
-    validate_pattern(model, sparsity, config.method.column_block)
+    # --targets / --ignore checked against every block Linear's full name (a pattern matching none is an error)
+    config.select([f"{blocks.prefix}.{i}.{n}" for i, b in enumerate(blocks.layers) for n in find_prunable(b)])
+    validate_pattern(model, sparsity, config.method.column_block, config.prunes)
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
     if config.method.whole_model_bytes_per_weight and any(p.is_meta for p in blocks[0].parameters()):
         weights = sum(p.numel() for b in blocks.layers for p in b.parameters())
@@ -159,7 +181,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     model.eval()
     method.prepare(model, calibration, device)
     run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work,
-                   heldout_labels)
+                   heldout_labels, config.prunes if config.targets or config.ignore else None)
     allocation = None
     if config.allocation == "owl" and sparsity.ratio > 0:
         # one dense pass before any block is pruned (a resumed run recomputes it from the dense

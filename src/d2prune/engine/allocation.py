@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import BlockLayers, PruneRun, calibrate
+from .calibration import PruneRun, calibrate
 from ..config import Sparsity
 from .sequential import BlockInputs, propagate, sequential
 from ..errors import D2PruneError
@@ -121,7 +121,7 @@ def owl_allocation(run: PruneRun, target: Sparsity, m: float, lam: float) -> All
     weights: list[int] = []
 
     def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        layers = BlockLayers.find(block, i, run.blocks.prefix)
+        layers = run.layers(block, i)  # the layers kept dense (--ignore) take no part in the allocation
         watchers = {n: [_InputNorms(layers.qualified[n], target)] for n in layers.layers}
         # only Wanda's activation norms: no Hessian for a per-layer error (nothing is pruned in this pass)
         obs = calibrate(block, layers, inputs, watchers, run.options.without_error())
@@ -129,13 +129,19 @@ def owl_allocation(run: PruneRun, target: Sparsity, m: float, lam: float) -> All
         for n, layer in layers.layers.items():
             a = obs.stats[n]["sq_norm"].value.float().sqrt().reshape(1, -1)
             scores.append(weight_matrix(layer).float().abs() * a)  # Wanda's score (docs/method.md §2)
-        ratios.append(outlier_ratio(scores, m))
+        ratios.append(outlier_ratio(scores, m) if scores else 0.0)  # a block kept dense entirely: no scores
         weights.append(sum(s.numel() for s in scores))
         del obs, scores
         propagate(block, i, inputs, run.options.batch)
 
     sequential(run.model, run.calibration, run.device, step, desc="owl", blocks=run.blocks, source=run.source)
-    alloc = Allocation("owl", target.ratio, owl_sparsities(ratios, weights, target.ratio, lam), ratios, weights, m, lam)
+    # the allocation spreads over the blocks with layers to prune (all of them unless --ignore keeps one dense)
+    live = [i for i, w in enumerate(weights) if w]
+    spread = owl_sparsities([ratios[i] for i in live], [weights[i] for i in live], target.ratio, lam)
+    block_sparsity = [target.ratio] * len(weights)
+    for i, s in zip(live, spread):
+        block_sparsity[i] = s
+    alloc = Allocation("owl", target.ratio, block_sparsity, ratios, weights, m, lam)
     log.info("OWL allocation (M=%g, lambda=%g): outlier ratios %s -> block sparsities %s", m, lam,
              " ".join(f"{r:.4f}" for r in ratios), " ".join(f"{s:.4f}" for s in alloc.block_sparsity))
     return alloc

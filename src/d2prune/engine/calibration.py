@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -105,19 +105,44 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- a block's layers
+IGNORED = "ignored"  # the ``how`` of a layer kept dense by PruneConfig.targets / ignore
+
+
 @dataclass
 class BlockLayers:
     """The prunable Linears (and GPT-2 ``Conv1D``) of block ``index`` by name
-    inside the block, and their qualified names (``model.layers.3.mlp.up_proj``)."""
+    inside the block, and their qualified names (``model.layers.3.mlp.up_proj``).
+    ``layers``: those to prune; ``ignored``: those kept dense (``--ignore`` /
+    ``--targets``), reported but never touched."""
 
     index: int
     layers: dict[str, nn.Module]
     qualified: dict[str, str]
+    ignored: dict[str, nn.Module] = field(default_factory=dict)
 
     @classmethod
-    def find(cls, block: nn.Module, index: int, prefix: str) -> "BlockLayers":
-        layers = find_prunable(block)
-        return cls(index, layers, {n: f"{prefix}.{index}.{n}" for n in layers})
+    def find(cls, block: nn.Module, index: int, prefix: str, prunes=None) -> "BlockLayers":
+        """``prunes(full module name) -> bool`` selects the layers to prune (default: all)."""
+        found = find_prunable(block)
+        qualified = {n: f"{prefix}.{index}.{n}" for n in found}
+        keep = {n: prunes is None or prunes(qualified[n]) for n in found}
+        return cls(index, {n: m for n, m in found.items() if keep[n]}, qualified,
+                   {n: m for n, m in found.items() if not keep[n]})
+
+    def with_ignored(self, rows: list["LayerReport"]) -> list["LayerReport"]:
+        """``rows`` of the pruned layers and one row per ignored layer (its
+        sparsity as it is, no error, how ``ignored``), in module order."""
+        if not self.ignored:
+            return rows
+        by_name = {r.name: r for r in rows}
+        out = []
+        for n, q in self.qualified.items():
+            if n in self.ignored:
+                W = weight_matrix(self.ignored[n])
+                out.append(LayerReport(q, tuple(W.shape), float((W == 0).sum()) / W.numel(), None, 0.0, IGNORED))
+            elif q in by_name:
+                out.append(by_name[q])
+        return out
 
     def pruners(self, method: Method, block: nn.Module) -> dict[str, LayerPruner]:
         """The method's wrapper for every layer (the method sees the dense block first)."""
@@ -254,7 +279,7 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         rows.append(row)
         log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
                  f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
-    return rows
+    return layers.with_ignored(rows)
 
 
 # --------------------------------------------------------------------------- driver contract
@@ -277,6 +302,11 @@ class PruneRun:
     options: CalibrationOptions
     work: WorkFolder | None = None
     heldout_labels: Tensor | None = None
+    prunes: Callable[[str], bool] | None = None  # which block Linears are pruned (PruneConfig.prunes); None: all
+
+    def layers(self, block: nn.Module, i: int) -> BlockLayers:
+        """Block ``i``'s prunable Linears, split into those pruned and those kept dense."""
+        return BlockLayers.find(block, i, self.blocks.prefix, self.prunes)
 
 
 @dataclass

@@ -243,6 +243,23 @@ def heldout_windows(tokenizer, docs: Sequence[str], used: set[int] | None, nwind
 
 
 # --------------------------------------------------------------------------- evaluation
+def windows_arg(value: str) -> int | None:
+    """``--eval-windows`` of every command (prune, eval, finetune): a number
+    of windows >= 1, or ``all`` (None: every window). 0 is refused rather
+    than read as "all" by one command and as an error by another."""
+    import argparse
+
+    if value.strip().lower() in ("all", "none"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of windows: give N >= 1, or all for every window")
+    return n
+
+
 def eval_windows(tokenizer, text: str, seqlen: int, what: str = "the evaluation text") -> torch.Tensor:
     """``[floor(T / seqlen), seqlen]`` non-overlapping windows of the tokenised text."""
     if not (isinstance(seqlen, int) and seqlen > 1):

@@ -33,11 +33,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ...config import Sparsity
 from .config import D2PruneConfig, D2Variant
+from ...config import Sparsity
 from ...ops.masks import row_mask
 from ...errors import D2PruneError
-from ...io.modeling import qkv_parts, weight_matrix
+from ...io.modeling import find_prunable, qkv_parts, weight_matrix
 from ...ops.stats import Accumulator, StatKey, as_columns, register_accumulator
 from ...engine.method import LayerPruner, MaskPruner, Method, register
 from ..sparsegpt import hessian_factor, obs_prune
@@ -302,23 +302,25 @@ class D2Prune(Method):
         if fixed == ():
             self.block_frozen[index] = fixed
             return
-        parts = {name: qkv_parts(name, mod, self.model_config) or [] for name, mod in layers.items()}
+        # the roles are the block's, whichever of its Linears --ignore / --targets keep dense
+        every = find_prunable(block)
+        parts = {name: qkv_parts(name, mod, self.model_config) or [] for name, mod in every.items()}
         roles = {role for ps in parts.values() for role, _ in ps}
         wanted = set(fixed) if fixed is not None else {"q", "k", "v"}
         if not wanted <= roles:
             missing = ", ".join(sorted(wanted - roles))
-            raise D2PruneError(f"block {index} has no recognisable {missing} projection (Linears: {', '.join(layers)}): "
+            raise D2PruneError(f"block {index} has no recognisable {missing} projection (Linears: {', '.join(every)}): "
                                "d2prune cannot tell which layer to freeze; use --frozen none")
         if fixed is not None:
             self.block_frozen[index] = fixed
             return
-        # outlier rule (appendix eqs 17-19): freeze argmax_j r_j of the dense q/k/v
+        # outlier rule (appendix eqs 17-19): freeze argmax_j r_j of the dense q/k/v (of those pruned)
         ratios: dict[str, float] = {}
         for name, ps in parts.items():
-            for role, rows in ps:
+            for role, rows in ps if name in layers else ():
                 ratios[role] = outlier_ratio(weight_matrix(layers[name])[rows])
         self.outlier_ratios[index] = ratios
-        self.block_frozen[index] = (max(ratios, key=ratios.get),)
+        self.block_frozen[index] = (max(ratios, key=ratios.get),) if ratios else ()
 
     def layer(self, name, module, block_index):
         frozen = self.block_frozen.get(block_index, self.config.frozen_set or ())

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from ...engine import distributed
 from ...evaluation.attention import TINY, find_attention, kl_rows, run_with_attention
-from ...engine.calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
-                          load_block_shard, prune_layers, register_search, resume_point, save_block)
+from ...engine.calibration import (CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
+                                  load_block_shard, prune_layers, register_search, resume_point, save_block)
 from ...config import to_dict
 from .config import D2_CANDIDATES, D2PruneConfig
 from ...engine.sequential import BlockInputs, check_finite, propagate, run_block, run_head, sequential
@@ -153,7 +153,7 @@ class AutoSearch(D2Search):
     @torch.no_grad()
     def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
         n_calib = run.calibration.shape[0]
-        layers = BlockLayers.find(block, i, run.blocks.prefix)
+        layers = run.layers(block, i)
         resumed = i < self.start  # finished before an interruption: only recompute the activations
         dense = layers.weights()
         if not resumed:
@@ -248,17 +248,16 @@ class PerLayerSearch(D2Search):
 
     @torch.no_grad()
     def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        prefix = run.blocks.prefix
-        layers = BlockLayers.find(block, i, prefix)  # the block stays dense until the choice is copied in
+        layers = run.layers(block, i)  # the block stays dense until the choice is copied in
         pruners = {c: layers.pruners(cand.method, block) for c, cand in self.candidates.items()}
         obs = calibrate(block, layers, inputs, {n: [p[n] for p in pruners.values()] for n in layers.layers},
                         run.options)
-        trials = {c: self._trial(block, i, prefix, pruners[c], obs.stats, cand.tag)
+        trials = {c: self._trial(run, block, i, pruners[c], obs.stats, cand.tag)
                   for c, cand in self.candidates.items()}
         del obs
         choice = self._choose(block, i, inputs, trials)
         self.choices[i] = choice
-        layers.load(BlockLayers.find(trials[choice.frozen].block, i, prefix).weights())
+        layers.load(run.layers(trials[choice.frozen].block, i).weights())
         self.rows.extend(trials[choice.frozen].rows)
         log.info("block %d: per-layer objective %s -> freeze %s", i,
                  {k: f"{v:.4g}" for k, v in choice.objective.items()}, choice.frozen)
@@ -268,9 +267,9 @@ class PerLayerSearch(D2Search):
         save_block(run, i, block, self.rows, {}, {"choices": {str(k): asdict(c) for k, c in self.choices.items()}})
 
     @staticmethod
-    def _trial(block: nn.Module, i: int, prefix: str, pruners: dict[str, LayerPruner], stats, tag: str) -> _Trial:
+    def _trial(run: PruneRun, block: nn.Module, i: int, pruners: dict[str, LayerPruner], stats, tag: str) -> _Trial:
         pruned = copy.deepcopy(block)
-        rows = prune_layers(BlockLayers.find(pruned, i, prefix), pruners, stats, tag=tag)
+        rows = prune_layers(run.layers(pruned, i), pruners, stats, tag=tag)
         return _Trial(pruned, find_attention(pruned), rows)
 
     def _choose(self, block: nn.Module, i: int, inputs: BlockInputs, trials: dict[str, _Trial]) -> BlockChoice:
