@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from conftest import TINY_ARCHS, needs_shared, tiny_model
 from d2prune import D2PruneError, PruneConfig, find_blocks, prune
 from d2prune.engine.sequential import capture_block_inputs, sequential_logits
+from test_layer_error import direct_layer_errors
 
 CPU = torch.device("cpu")
 
@@ -62,15 +65,17 @@ def test_zero_sparsity_leaves_weights_identical(arch):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_arch_prunes_every_linear(arch, method):
     model = tiny_model(arch)
-    report = prune(model, PruneConfig(method=method, sparsity=0.5, device="cpu"), torch.randint(0, 128, (4, 16)))
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (4, 16))
+    report = prune(model, PruneConfig(method=method, sparsity=0.5, device="cpu"), ids)
     blocks = find_blocks(model)
     n_linear = sum(1 for b in blocks.layers for m in b.modules() if hasattr(m, "weight") and m.weight is not None
                    and m.weight.dim() == 2 and type(m).__name__ in ("Linear", "Conv1D"))
     assert len(report.layers) == n_linear > 0
+    want = direct_layer_errors(dense, model, ids)  # hooks on each Linear of the model's own forward
     for row in report.layers:
         assert 0.5 <= row.sparsity <= 0.51, row
-        if row.error is not None:  # zeroing the whole layer has error 1: every method must do better
-            assert 0 < row.error < 1.0, row
+        assert row.error == pytest.approx(want[row.name], rel=1e-4, abs=1e-6), (row, want[row.name])
 
 
 def test_blocks_found_from_model_not_name():

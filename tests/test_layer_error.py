@@ -3,8 +3,8 @@ method: ``||(W - W') X||^2 / ||W X||^2`` with ``X`` the inputs the layer
 receives in its block's dense calibration pass (the block's inputs come from
 the already pruned earlier blocks; inside the block every layer is still
 dense) and no bias. Checked on OPT, whose Linears have biases, against a
-textbook computation: hooks on each Linear of a model whose earlier blocks
-are the pruned ones and whose block ``i`` is the dense one."""
+textbook computation: hooks on each Linear of the pruned model run with its
+block ``i`` put back dense."""
 
 from __future__ import annotations
 
@@ -22,27 +22,30 @@ from d2prune.io.modeling import weight_matrix
 @torch.no_grad()
 def direct_layer_inputs(dense, pruned, ids) -> dict[str, tuple[torch.Tensor, torch.nn.Module, torch.nn.Module]]:
     """``{qualified name: (X [tokens, d_in] float64, dense layer, pruned layer)}``.
-    ``X`` is caught by a hook on the layer of a copy of ``pruned`` whose block
-    ``i`` is put back dense, run one sample at a time by the model's own forward."""
+    ``X`` is caught by a hook on the layer while ``pruned`` runs with its
+    block ``i`` put back dense (the model's own forward, all samples in one
+    batch; ``pruned`` is left as it was)."""
     blocks_d, blocks_p = find_blocks(dense), find_blocks(pruned)
     out = {}
     for i in range(len(blocks_d)):
-        hybrid = copy.deepcopy(pruned)
-        hb = find_blocks(hybrid)
-        hb.layers[i].load_state_dict(blocks_d.layers[i].state_dict())
-        xs: dict[str, list] = {n: [] for n in find_prunable(hb.layers[i])}
+        block = blocks_p.layers[i]
+        kept = {k: v.clone() for k, v in block.state_dict().items()}
+        xs: dict[str, list] = {n: [] for n in find_prunable(block)}
 
         def keep(name):
             def hook(mod, inp, o):
                 xs[name].append(inp[0].detach().double().reshape(-1, inp[0].shape[-1]))
             return hook
 
-        handles = [m.register_forward_hook(keep(n)) for n, m in find_prunable(hb.layers[i]).items()]
-        for j in range(ids.shape[0]):
-            hybrid(ids[j:j + 1], use_cache=False)
-        for h in handles:
-            h.remove()
-        lin_d, lin_p = find_prunable(blocks_d.layers[i]), find_prunable(blocks_p.layers[i])
+        handles = [m.register_forward_hook(keep(n)) for n, m in find_prunable(block).items()]
+        try:
+            block.load_state_dict(blocks_d.layers[i].state_dict())
+            pruned(ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+            block.load_state_dict(kept)
+        lin_d, lin_p = find_prunable(blocks_d.layers[i]), find_prunable(block)
         for n, x in xs.items():
             out[f"{blocks_d.prefix}.{i}.{n}"] = (torch.cat(x), lin_d[n], lin_p[n])
     return out
