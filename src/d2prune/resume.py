@@ -17,7 +17,6 @@ a marker file, and only a folder holding it is ever removed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .errors import D2PruneError
+from .errors import D2PruneError, no_space_left
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +48,6 @@ def files_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _no_space(e: BaseException) -> bool:
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
-        t in str(e) for t in ("No space left", "os error 28", "File too large", "os error 27"))
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -69,7 +63,7 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(e, Exception) and _no_space(e):
+        if isinstance(e, Exception) and no_space_left(e):
             raise D2PruneError(f"no space left on device while writing the resume checkpoint {path}: free some space "
                                "and rerun the same command to resume from the last finished block") from e
         raise
