@@ -6,7 +6,6 @@ layer kept dense; a pattern matching no layer is a one-line error."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
