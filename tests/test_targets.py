@@ -6,7 +6,6 @@ layer kept dense; a pattern matching no layer is a one-line error."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -161,3 +160,15 @@ def test_cli_record_streaming_and_resume(tmp_path, monkeypatch):
     got = weights(tmp_path / "out")
     assert all(torch.equal(got[k], mem[k]) for k in mem)
     assert json.loads((tmp_path / "out" / "d2prune.json").read_text())["memory"]["resumed_from_block"] == 3
+
+
+def test_finetune_adapts_the_pruned_layers_only():
+    """``d2prune finetune`` adapts the Linears d2prune.json lists as pruned:
+    not those kept dense (``how: ignored``), which stay as the user kept them."""
+    from d2prune.finetune import target_linears
+
+    model = tiny_model("llama")
+    names = list(_linears(model))
+    record = {"layers": [{"name": n, "how": "ignored" if "down_proj" in n else "wanda"} for n in names]}
+    assert target_linears(model, record) == [n for n in names if "down_proj" not in n]
+    assert target_linears(model, {}) == names

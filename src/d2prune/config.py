@@ -230,7 +230,6 @@ class PruneConfig:
             if not self.owl_m > 0:
                 raise D2PruneError(f"--owl-m {self.owl_m} must be > 0 (the paper uses 5)")
 
-
     def prunes(self, name: str) -> bool:
         """Whether the block Linear with full module name ``name`` is pruned
         (``targets`` / ``ignore``)."""

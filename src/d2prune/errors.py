@@ -8,6 +8,8 @@ one-line message that says what to fix. The CLI prints it as
 
 from __future__ import annotations
 
+import errno
+
 
 class D2PruneError(Exception):
     """A user-fixable error; ``str(err)`` is a single line naming what to fix."""
@@ -35,3 +37,11 @@ def first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in (str(e).strip() or repr(e)).splitlines() if ln.strip()]
     text = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else " ".join(lines[:2])
     return text[:MAX_REASON_CHARS]
+
+
+def no_space_left(e: BaseException) -> bool:
+    """Whether ``e`` reports a full disk (or a file over the filesystem's size
+    limit); safetensors reports one as ``SafetensorError("... I/O error: No
+    space left on device (os error 28)")``, without an errno."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
+        t in str(e) for t in ("No space left", "os error 28", "File too large", "os error 27"))

@@ -167,13 +167,13 @@ def _lora_linear_class():
 # --------------------------------------------------------------------------- targets and masks
 def target_linears(model: nn.Module, record: dict | None = None) -> list[str]:
     """Full names of the Linears to adapt: those of the decoder blocks that the
-    pruned model's ``d2prune.json`` lists as pruned, else every block Linear."""
+    pruned model's ``d2prune.json`` lists as pruned (rows are full module
+    names; a layer kept dense by ``--ignore`` / ``--targets`` has the row
+    ``how: ignored`` and is not adapted), else every block Linear."""
     blocks = find_blocks(model)
     names = [f"{blocks.prefix}.{i}.{n}" for i, block in enumerate(blocks.layers) for n in find_prunable(block)]
     layers = (record or {}).get("layers") or []
-    pruned = {row["name"] for row in layers if isinstance(row, dict) and "name" in row}
-    # rows of a fused q/k/v split carry a suffix (".q"): the layer itself is pruned
-    pruned |= {name.rsplit(".", 1)[0] for name in pruned}
+    pruned = {row["name"] for row in layers if isinstance(row, dict) and "name" in row and row.get("how") != "ignored"}
     chosen = [n for n in names if n in pruned] if pruned else names
     if not chosen:
         chosen = names

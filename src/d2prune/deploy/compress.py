@@ -17,11 +17,12 @@ weight matrix ``P.weight`` (``[d_out, d_in]``) is stored instead as one of
   per weight in bf16 with the values, the layout sparse kernels consume).
 
 Plus ``P.weight_shape`` (int64 ``[2]``) and, for N:M, ``P.weight_nm``
-(``[k, m]``). Each shard's header records the crc32 of every tensor in it,
-and every loader below verifies the bytes it reads against it. A weight is "kept" when its bits are not all zero, so ``-0.0``
+(``[k, m]``). A weight is "kept" when its bits are not all zero, so ``-0.0``
 survives and the round trip is bit-identical in every dtype. A matrix is
 compressed only when that makes it smaller; every other tensor (embeddings,
-norms, a dense head) is written unchanged.
+norms, a dense head) is written unchanged. Each shard's header records the
+crc32 of every tensor in it, and every loader below checks the bytes it reads
+against it.
 
 Loading: ``config.json`` carries ``quantization_config = {"quant_method":
 "d2prune_sparse", ...}``; importing :mod:`d2prune` registers that method with

@@ -196,9 +196,6 @@ class GGUFFile:
         item = torch.empty((), dtype=self.dtype).element_size()
         return sum(self._stored[g].n_elements for gs in self.sources.values() for g in gs) * item
 
-    def file_bytes(self) -> int:
-        return self.path.stat().st_size
-
     def _raw(self, f, gguf_name: str) -> np.ndarray:
         """The bytes GGUFReader's ``tensor.data`` views, read into a fresh array."""
         s = self._stored[gguf_name]

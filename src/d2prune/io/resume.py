@@ -18,7 +18,6 @@ a marker file, and only a folder holding it is ever removed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..errors import D2PruneError
+from ..errors import D2PruneError, no_space_left
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,6 @@ def _processes(n) -> str:
     return f"{n} process" + ("" if n == 1 else "es")
 
 
-def _no_space(e: BaseException) -> bool:
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
-        t in str(e) for t in ("No space left", "os error 28", "File too large", "os error 27"))
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -74,7 +68,7 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(e, Exception) and _no_space(e):
+        if isinstance(e, Exception) and no_space_left(e):
             raise D2PruneError(f"no space left on device while writing the resume checkpoint {path}: free some space "
                                "and rerun the same command to resume from the last finished block") from e
         raise

@@ -10,7 +10,6 @@ temporary folder; the next save into the same place removes it
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import D2PruneError
+from ..errors import D2PruneError, no_space_left
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +210,6 @@ def write_json(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _no_space(e: BaseException) -> bool:
-    # safetensors reports a full disk as SafetensorError("... I/O error: No space left on device (os error 28)")
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
-        t in str(e) for t in ("No space left", "os error 28", "File too large", "os error 27"))
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -277,7 +270,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrit
     except Exception as e:  # OSError, safetensors' SafetensorError, ... -> one line, nothing left behind
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(e):
+        if no_space_left(e):
             raise D2PruneError(f"no space left on device while writing {target}: free some space or choose another --out") from e
         raise D2PruneError(f"could not write {target}: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from e
     except BaseException:

@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
@@ -133,12 +130,12 @@ class CheckpointReader:
             with safe_open(str(path), "pt") as f:
                 for n in f.keys():
                     if self.files.get(n) == path:
-                        out[n] = _DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
+                        out[n] = _ST_DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
         return out
 
     def storage_dtype(self) -> torch.dtype:
         """The dtype most floating tensors are stored in."""
-        counts = Counter(self.dtypes().values())
+        counts = Counter(d for d in self.dtypes().values() if d.is_floating_point)
         return counts.most_common(1)[0][0]
 
     def nbytes(self) -> int:
@@ -210,7 +207,7 @@ class CompressedReader(CheckpointReader):
         for path in set(self.stored.values()):
             with safe_open(str(path), "pt") as f:
                 for n in f.keys():
-                    stored[n] = _DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
+                    stored[n] = _ST_DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
         out = {n: stored[n] for n in self.files if n in stored and n not in self.parts}
         for base, parts in self.parts.items():
             out[base] = stored[parts[VALUES] if VALUES in parts else parts[NM_VALUES]]
@@ -250,7 +247,7 @@ class GGUFCheckpointReader(CheckpointReader):
             with safe_open(str(path), "pt") as f:
                 for n in f.keys():
                     if self.files.get(n) == path:
-                        out[n] = _DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
+                        out[n] = _ST_DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
         return out
 
     def dtype_of(self, name: str) -> torch.dtype:
@@ -507,7 +504,7 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
                 n = 1
                 for d in sl.get_shape():
                     n *= d
-                size += n * torch.empty((), dtype=_DTYPES.get(sl.get_dtype(), torch.float32)).element_size()
+                size += n * torch.empty((), dtype=_ST_DTYPES.get(sl.get_dtype(), torch.float32)).element_size()
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))},
                                                 indent=2) + "\n")
     config = model.config
