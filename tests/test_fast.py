@@ -33,11 +33,11 @@ def test_fast_mode_batches_and_keeps_quality(stories, stories_calib, method, mon
     calibration and the propagation pass) carries FAST_BATCH samples instead
     of one, and the inverse-Hessian factors come from the one-Cholesky path;
     the result stays the exact mode's up to rounding (masks, weights, perplexity)."""
-    from d2prune.calibration import FAST_BATCH
+    from d2prune.engine.calibration import FAST_BATCH
     from d2prune.config import parse_method_spec
     from d2prune.methods import sparsegpt as sg
     from d2prune import eval_text, eval_windows, find_blocks, find_prunable
-    from d2prune.modeling import weight_matrix
+    from d2prune.io.modeling import weight_matrix
 
     from conftest import WIKI
 
