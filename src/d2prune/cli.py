@@ -294,7 +294,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import DataConfig, run
+    from .pipeline import DataConfig, OutputConfig, RunOptions, run
 
     opts = method_options(args)
     try:
@@ -309,8 +309,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval,
                       calib_images=args.calib_images, eval_images=args.eval_images)
     zs = zeroshot_options(args) if args.zero_shot else None
-    record = run(args.model, config, data, args.out, args.overwrite, args.dtype, zero_shot=zs, stream=args.stream,
-                 restart=args.restart, offload=args.offload_activations, save_format=args.save_format)
+    record = run(args.model, config, data, OutputConfig(args.out, args.overwrite, args.save_format),
+                 RunOptions(args.dtype, args.stream, args.offload_activations, args.restart), zero_shot=zs)
     if "rank" in record:  # another process of a torchrun job: rank 0 reports
         return 0
     if args.json:

@@ -9,7 +9,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -109,130 +109,99 @@ def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
 SAVE_FORMATS = ("dense", "compressed")
 
 
-def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str | None = None,
-        overwrite: bool = False, dtype: str = "auto", zero_shot: dict | None = None, stream: str = "auto",
-        restart: bool = False, offload: str | None = None, save_format: str = "dense") -> dict:
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the pruned model goes: ``out`` (None: nowhere, only the record is
+    returned), whether an existing d2prune output there may be replaced, and
+    the format (``dense``: ``save_pretrained``'s layout; ``compressed``:
+    :mod:`d2prune.deploy.compress`, bitmask / N:M indices + values)."""
+
+    out: str | None = None
+    overwrite: bool = False
+    save_format: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.save_format not in SAVE_FORMATS:
+            raise D2PruneError(f"unknown save format {self.save_format!r}: use one of {', '.join(SAVE_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run uses the machine: the storage ``dtype``; ``stream``: blocks
+    read from disk one at a time (``on``), the model in memory (``off``) or
+    decided from its size (``auto``); where the activations live
+    (``offload``: None = decided from the memory estimate); ``restart``:
+    discard an interrupted run's work folder instead of resuming it."""
+
+    dtype: str = "auto"
+    stream: str = "auto"
+    offload: str | None = None
+    restart: bool = False
+
+
+@dataclass
+class RunInputs:
+    """What a run reads before the model loads (so a typo never costs a
+    load): the evaluation texts and calibration documents, or an image
+    classifier's folders."""
+
+    images: bool
+    texts: dict[str, str] = field(default_factory=dict)
+    docs: list[str] = field(default_factory=list)
+    folders: dict = field(default_factory=dict)
+
+
+@dataclass
+class Calibration:
+    """The calibration samples (token ids, or pixels), the held-out ones a
+    search scores on, and the evaluation windows cut at the same ``seqlen``."""
+
+    seqlen: int
+    calib: torch.Tensor
+    heldout: torch.Tensor | None = None
+    heldout_labels: torch.Tensor | None = None
+    windows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return self.calib.shape[0] + (0 if self.heldout is None else self.heldout.shape[0])
+
+
+def run(model_name: str | None, config: PruneConfig, data: DataConfig, output: OutputConfig = OutputConfig(),
+        options: RunOptions = RunOptions(), zero_shot: dict | None = None) -> dict:
     """Prune ``model_name`` with ``config`` and return the d2prune.json record
-    (also written to ``out`` with the model, when given).
+    (also written to ``output.out`` with the model, when given). With an
+    output folder every finished block is saved in a work folder beside it,
+    and the same command resumes an interrupted run (docs/scale.md §3).
 
-    ``stream``: read the blocks from disk one at a time (``on``), load the
-    model in memory (``off``) or decide from its size (``auto``). With ``out``
-    every finished block is saved in a work folder beside it, and the same
-    command resumes an interrupted run (``restart`` discards it instead).
-    ``save_format``: ``dense`` (``save_pretrained``'s layout) or ``compressed``
-    (:mod:`d2prune.deploy.compress`: bitmask / N:M indices + values)."""
+    The steps: every option and data file checked -> the device resolved
+    (once, handed down) -> the model opened -> calibration data -> memory plan
+    (estimate, offload, refusal) -> work folder -> prune -> evaluate -> save."""
     t0 = time.perf_counter()
-    if save_format not in SAVE_FORMATS:
-        raise D2PruneError(f"unknown save format {save_format!r}: use one of {', '.join(SAVE_FORMATS)}")
-    # everything that can be checked is checked before the (long) prune
-    if out is not None:
-        check_output_dir(out, overwrite)
-    if zero_shot is not None:
-        from .evaluation.zeroshot import check_zero_shot
-
-        check_zero_shot(**zero_shot)
-    images = data.calib_images is not None
-    if not images and image_classifier_class(resolve_source(model_name)):  # before any text is read
-        raise D2PruneError(f"{model_name} is an image classifier: calibrate it on images with --calib-images DIR")
-    if images:  # an image classifier: ImageFolder trees, listed (and checked) before the model loads
-        folders = _image_folders(data, zero_shot)
-        texts, docs = {}, []
-    else:
-        texts = eval_texts(data) if data.evaluate else {}
-        docs = calibration_texts(data.calib_file)  # every data file is read (and validated) before the model loads
+    inputs = _read_inputs(model_name, config, data, output, zero_shot)
     if distributed.launched():  # torchrun: this process's device, and the process group joined
         config = replace(config, device=distributed.init(config.device))
     device = pick_device(config.device)
-    opened = open_model(model_name, dtype, device, stream)
-    model, tokenizer = opened.model, opened.tokenizer
-    if is_image_model(model) != images:
-        raise D2PruneError(f"{opened.description} is an image classifier: calibrate it on images with --calib-images DIR"
-                           if not images else f"--calib-images is for image classifiers; {opened.description} is a "
-                           "language model: calibrate it on text (--calib-file)")
-    if zero_shot is not None and opened.streamed:
-        raise D2PruneError("zero-shot evaluation needs the whole model in memory: drop --zero-shot (evaluate the "
-                           "saved folder with d2prune eval where it fits) or use --stream off")
-    heldout_labels = None
-    if images:
-        from .evaluation.vision import calibration_images, tokens_per_image
-
-        seqlen, windows = tokens_per_image(model), {}
-        cal = calibration_images(model, tokenizer, folders["calib"], data.nsamples, data.seed,
-                                 data.heldout_windows if needs_heldout(config) else 0)
-        calib, heldout, heldout_labels = cal.pixels, cal.heldout, cal.heldout_labels
-    else:
-        seqlen = seqlen_for(model, data.seqlen)
-        check_seqlen(model, seqlen)
-        windows = eval_window_sets(tokenizer, texts, seqlen)
-        calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), docs)
-    samples = calib.shape[0] + (0 if heldout is None else heldout.shape[0])
-    hessian = config.method.uses_hessian or config.layer_error  # the per-layer error reads a Hessian (every method)
-    deltas = False
-    buffers = config.method.activation_buffers
-    whole = config.method.whole_model_bytes_per_weight
-    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)
-    if offload is None:
-        offload = auto_offload(budget, device, available_ram())
-        if offload is not None:
-            log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
-                     budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
-            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)
-    check_fits(budget, device, out, available_ram(), opened.streamed)
-    work = None
-    if out is not None or opened.streamed or offload == "disk":
-        identity = {"model": opened.description, "model_files": files_digest(opened.files) if opened.files else "",
-                    "config": to_dict(config), "calibration": tensor_digest(calib),
-                    "heldout": tensor_digest(heldout) if heldout is not None else "",
-                    "dtype": str(opened.storage_dtype), "compute_dtype": str(opened.source.compute_dtype),
-                    # a torchrun job's statistics are merged over its processes: resumed by as many
-                    "world_size": distributed.world(),
-                    "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
-        main = out is None or distributed.is_main()  # in a torchrun job rank 0 writes, the others read its folder
-        work = WorkFolder(out, identity, restart, writer=main) if out is not None else \
-            WorkFolder.temporary("d2prune-", identity, writer=main)
-    private = None  # a scratch folder of this process alone (another rank of a torchrun job), removed at the end
-    if offload is not None:
-        scratch = None  # host RAM needs no folder (and a run without --out may have no work folder)
-        if offload == "disk":  # files: beside the output in the work folder (a temporary one without --out)
-            if not work.writer:
-                private = Path(tempfile.mkdtemp(prefix="d2prune-act-"))
-            scratch = (private or work.ensure()) / "activations"
-        opened.source.activations = ActivationStore(offload, scratch)
-    calib, heldout = distributed.shard(calib), distributed.shard(heldout)  # torchrun: this process's samples
-    heldout_labels = distributed.shard(heldout_labels)
+    config = replace(config, device=str(device))  # resolved once: prune() and evaluation get this device
+    opened = _open(model_name, options, device, inputs, zero_shot)
+    cal = _calibration(opened, config, data, inputs)
+    budget, offload = _plan_memory(opened, config, cal, device, options, output)
+    work = _work_folder(opened, config, cal, options, output, offload)
+    private = _place_activations(opened, offload, work)
+    calib, heldout = distributed.shard(cal.calib), distributed.shard(cal.heldout)  # torchrun: this process's samples
     try:
-        report: PruneReport = prune(model, config, calib, heldout, source=opened.source, work=work,
-                                    heldout_labels=heldout_labels)
+        report: PruneReport = prune(opened.model, config, calib, heldout, source=opened.source, work=work,
+                                    heldout_labels=distributed.shard(cal.heldout_labels))
         if not distributed.is_main():  # rank 0 evaluates and saves; the others are done
             if work is not None:
                 work.remove()  # only what is this process's own (a temporary folder); rank 0's stays with rank 0
             return {"rank": distributed.rank(), "sparsity": report.sparsity}
-        if images:
-            results = _evaluate_images(model, tokenizer, folders.get("eval"), data, config.device, opened.source)
-        else:
-            results = evaluate_ppl(model, tokenizer, data, seqlen, config.device, source=opened.source,
-                                   windows=windows) if data.evaluate else {}
-        zs = None
-        if zero_shot is not None:
-            from .evaluation.zeroshot import evaluate_zero_shot
-
-            zs = evaluate_zero_shot(model, tokenizer, device=config.device, **zero_shot).to_dict()
-        record = _record(opened, config, data, seqlen, report, results, zs, budget)
+        record = _evaluate(opened, config, data, inputs, cal, report, budget, device, zero_shot)
         record["total_seconds"] = time.perf_counter() - t0
-        if out is not None:
-            writer = None
-            if opened.streamed:
-                shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
-                writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype)  # noqa: E731
-            if save_format == "compressed":
-                from .deploy.compress import compressing
-
-                writer = compressing(writer or (lambda folder: model.save_pretrained(folder, safe_serialization=True)),
-                                     record)
-            path = save_pruned(model, tokenizer, out, record, overwrite, write_weights=writer)
-            log.info("saved pruned model to %s", path)
+        if output.out is not None:
+            _save(opened, record, output, work)
     except BaseException:
-        if work is not None and out is None:  # a temporary work folder cannot be resumed: nothing to keep
+        if work is not None and output.out is None:  # a temporary work folder cannot be resumed: nothing to keep
             work.remove()
         raise  # with --out the work folder stays: the same command resumes
     finally:
@@ -242,6 +211,142 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     if work is not None:
         work.remove()
     return record
+
+
+def _read_inputs(model_name: str | None, config: PruneConfig, data: DataConfig, output: OutputConfig,
+                 zero_shot: dict | None) -> RunInputs:
+    """Every option and data file that can be checked, checked before the (long) prune."""
+    if output.out is not None:
+        check_output_dir(output.out, output.overwrite)
+    if zero_shot is not None:
+        from .evaluation.zeroshot import check_zero_shot
+
+        check_zero_shot(**zero_shot)
+    images = data.calib_images is not None
+    if not images and image_classifier_class(resolve_source(model_name)):  # before any text is read
+        raise D2PruneError(f"{model_name} is an image classifier: calibrate it on images with --calib-images DIR")
+    if images:  # an image classifier: ImageFolder trees, listed (and checked) before the model loads
+        return RunInputs(True, folders=_image_folders(data, zero_shot))
+    # every data file is read (and validated) before the model loads
+    return RunInputs(False, texts=eval_texts(data) if data.evaluate else {}, docs=calibration_texts(data.calib_file))
+
+
+def _open(model_name: str | None, options: RunOptions, device: torch.device, inputs: RunInputs,
+          zero_shot: dict | None):
+    """The model, in memory or streamed (:func:`d2prune.io.streaming.open_model`), checked against the data."""
+    opened = open_model(model_name, options.dtype, device, options.stream)
+    if is_image_model(opened.model) != inputs.images:
+        raise D2PruneError(f"{opened.description} is an image classifier: calibrate it on images with --calib-images DIR"
+                           if not inputs.images else f"--calib-images is for image classifiers; {opened.description} "
+                           "is a language model: calibrate it on text (--calib-file)")
+    if zero_shot is not None and opened.streamed:
+        raise D2PruneError("zero-shot evaluation needs the whole model in memory: drop --zero-shot (evaluate the "
+                           "saved folder with d2prune eval where it fits) or use --stream off")
+    return opened
+
+
+def _calibration(opened, config: PruneConfig, data: DataConfig, inputs: RunInputs) -> Calibration:
+    """Calibration samples (and held-out ones for a search), and the evaluation
+    windows, right after the model loads (a text shorter than ``--seqlen`` fails here)."""
+    model, tokenizer = opened.model, opened.tokenizer
+    if inputs.images:
+        from .evaluation.vision import calibration_images, tokens_per_image
+
+        cal = calibration_images(model, tokenizer, inputs.folders["calib"], data.nsamples, data.seed,
+                                 data.heldout_windows if needs_heldout(config) else 0)
+        return Calibration(tokens_per_image(model), cal.pixels, cal.heldout, cal.heldout_labels)
+    seqlen = seqlen_for(model, data.seqlen)
+    check_seqlen(model, seqlen)
+    windows = eval_window_sets(tokenizer, inputs.texts, seqlen)
+    calib, heldout = calibration_for(tokenizer, data, seqlen, needs_heldout(config), inputs.docs)
+    return Calibration(seqlen, calib, heldout, None, windows)
+
+
+def _plan_memory(opened, config: PruneConfig, cal: Calibration, device: torch.device, options: RunOptions,
+                 output: OutputConfig):
+    """The memory estimate (docs/scale.md §2), the activations offloaded when
+    the device would run out otherwise, and a run that cannot fit refused now."""
+    hessian = config.method.uses_hessian or config.layer_error  # the per-layer error reads a Hessian (every method)
+    args = (opened, cal.samples, cal.seqlen, device, hessian, config.method.activation_buffers)
+    whole = config.method.whole_model_bytes_per_weight
+    offload = options.offload
+    budget = estimate(*args, offload, False, whole)
+    if offload is None:
+        offload = auto_offload(budget, device, available_ram())
+        if offload is not None:
+            log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
+                     budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
+            budget = estimate(*args, offload, False, whole)
+    check_fits(budget, device, output.out, available_ram(), opened.streamed)
+    return budget, offload
+
+
+def _work_folder(opened, config: PruneConfig, cal: Calibration, options: RunOptions, output: OutputConfig,
+                 offload: str | None) -> WorkFolder | None:
+    """The resume folder beside ``--out`` (or a temporary one where a run needs
+    scratch space: streamed blocks, activations on disk), with the identity a
+    resumed run must match."""
+    if output.out is None and not opened.streamed and offload != "disk":
+        return None
+    identity = {"model": opened.description, "model_files": files_digest(opened.files) if opened.files else "",
+                "config": to_dict(config), "calibration": tensor_digest(cal.calib),
+                "heldout": tensor_digest(cal.heldout) if cal.heldout is not None else "",
+                "dtype": str(opened.storage_dtype), "compute_dtype": str(opened.source.compute_dtype),
+                # a torchrun job's statistics are merged over its processes: resumed by as many
+                "world_size": distributed.world(),
+                "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "d2prune")}}
+    main = output.out is None or distributed.is_main()  # in a torchrun job rank 0 writes, the others read its folder
+    if output.out is not None:
+        return WorkFolder(output.out, identity, options.restart, writer=main)
+    return WorkFolder.temporary("d2prune-", identity, writer=main)
+
+
+def _place_activations(opened, offload: str | None, work: WorkFolder | None) -> Path | None:
+    """Where the activations live; returns a scratch folder of this process
+    alone (another rank of a torchrun job) that the caller removes at the end."""
+    if offload is None:
+        return None
+    private = scratch = None  # host RAM needs no folder (and a run without --out may have no work folder)
+    if offload == "disk":  # files: beside the output in the work folder (a temporary one without --out)
+        if not work.writer:
+            private = Path(tempfile.mkdtemp(prefix="d2prune-act-"))
+        scratch = (private or work.ensure()) / "activations"
+    opened.source.activations = ActivationStore(offload, scratch)
+    return private
+
+
+def _evaluate(opened, config: PruneConfig, data: DataConfig, inputs: RunInputs, cal: Calibration,
+              report: PruneReport, budget, device: torch.device, zero_shot: dict | None) -> dict:
+    """Perplexity (or an image classifier's accuracy) and zero-shot accuracy of
+    the pruned model, in the d2prune.json record."""
+    model, tokenizer = opened.model, opened.tokenizer
+    if inputs.images:
+        results = _evaluate_images(model, tokenizer, inputs.folders.get("eval"), data, device, opened.source)
+    else:
+        results = evaluate_ppl(model, tokenizer, data, cal.seqlen, device, source=opened.source,
+                               windows=cal.windows) if data.evaluate else {}
+    zs = None
+    if zero_shot is not None:
+        from .evaluation.zeroshot import evaluate_zero_shot
+
+        zs = evaluate_zero_shot(model, tokenizer, device=str(device), **zero_shot).to_dict()
+    return _record(opened, config, data, cal.seqlen, report, results, zs, budget)
+
+
+def _save(opened, record: dict, output: OutputConfig, work: WorkFolder | None) -> None:
+    """The output folder, written atomically: a streamed model's blocks come
+    from the work folder's shards; ``compressed`` re-encodes the sparse matrices."""
+    model = opened.model
+    writer = None
+    if opened.streamed:
+        shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
+        writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype)  # noqa: E731
+    if output.save_format == "compressed":
+        from .deploy.compress import compressing
+
+        writer = compressing(writer or (lambda folder: model.save_pretrained(folder, safe_serialization=True)), record)
+    path = save_pruned(model, opened.tokenizer, output.out, record, output.overwrite, write_weights=writer)
+    log.info("saved pruned model to %s", path)
 
 
 def _image_folders(data: DataConfig, zero_shot: dict | None) -> dict:
