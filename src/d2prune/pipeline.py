@@ -22,7 +22,7 @@ from .modeling import (check_seqlen, default_seqlen, image_classifier_class, is_
                        resolve_source)
 from .pruning import PruneReport, prune
 from . import distributed
-from .budget import auto_offload, check_fits, estimate
+from .budget import Writes, auto_offload, bytes_under, check_fits, estimate, side_files_bytes
 from .engine import ActivationStore
 from .resume import WorkFolder, files_digest, tensor_digest
 from .save import RECORD_NAME, check_output_dir, library_versions, save_pruned
@@ -174,14 +174,20 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, out: str 
     deltas = config.layer_error and not hessian  # the per-layer error keeps W - W' for the propagation pass
     buffers = config.method.activation_buffers
     whole = config.method.whole_model_bytes_per_weight
-    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)
+    writes = Writes(out=out is not None, block_copies=config.method.block_copies,
+                    compressed=config.sparsity if save_format == "compressed" else None,
+                    side_bytes=side_files_bytes(opened.files) if out is not None else 0,
+                    eval_samples=sum(min(len(w), data.eval_windows or len(w)) for w in windows.values()))
+    budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole, writes)
     if offload is None:
         offload = auto_offload(budget, device, available_ram())
         if offload is not None:
             log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
                      budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
-            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole)
-    check_fits(budget, device, out, available_ram(), opened.streamed)
+            budget = estimate(opened, samples, seqlen, device, hessian, buffers, offload, deltas, whole, writes)
+    # an interrupted run's work folder is already on disk (and resumed, or removed by --restart)
+    held = bytes_under(WorkFolder(out, {}).path) if out is not None else 0
+    check_fits(budget, device, out, available_ram(), opened.streamed, held)
     work = None
     if out is not None or opened.streamed or offload == "disk":
         identity = {"model": opened.description, "model_files": files_digest(opened.files) if opened.files else "",
