@@ -103,6 +103,11 @@ class MethodConfig:
         return 1
 
     @property
+    def block_copies(self) -> int:
+        """Pruned copies of every block the run writes to disk (candidates of a search spilled there)."""
+        return 1
+
+    @property
     def column_block(self) -> int | None:
         """The column block of an OBS-style update (N:M's M must divide it), or None."""
         return None

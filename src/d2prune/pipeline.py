@@ -22,7 +22,7 @@ from .io.modeling import (check_seqlen, default_seqlen, image_classifier_class, 
                        resolve_source)
 from .pruning import PruneReport, prune
 from .engine import distributed
-from .io.budget import auto_offload, check_fits, estimate
+from .io.budget import Writes, auto_offload, bytes_under, check_fits, estimate, side_files_bytes
 from .io.source import ActivationStore
 from .io.resume import WorkFolder, files_digest, tensor_digest
 from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
@@ -185,7 +185,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, output: O
     config = replace(config, device=str(device))  # resolved once: prune() and evaluation get this device
     opened = _open(model_name, options, device, inputs, zero_shot)
     cal = _calibration(opened, config, data, inputs)
-    budget, offload = _plan_memory(opened, config, cal, device, options, output)
+    budget, offload = _plan_memory(opened, config, data, cal, device, options, output)
     work = _work_folder(opened, config, cal, options, output, offload)
     private = _place_activations(opened, offload, work)
     calib, heldout = distributed.shard(cal.calib), distributed.shard(cal.heldout)  # torchrun: this process's samples
@@ -262,22 +262,29 @@ def _calibration(opened, config: PruneConfig, data: DataConfig, inputs: RunInput
     return Calibration(seqlen, calib, heldout, None, windows)
 
 
-def _plan_memory(opened, config: PruneConfig, cal: Calibration, device: torch.device, options: RunOptions,
-                 output: OutputConfig):
+def _plan_memory(opened, config: PruneConfig, data: DataConfig, cal: Calibration, device: torch.device,
+                 options: RunOptions, output: OutputConfig):
     """The memory estimate (docs/scale.md §2), the activations offloaded when
     the device would run out otherwise, and a run that cannot fit refused now."""
     hessian = config.method.uses_hessian or config.layer_error  # the per-layer error reads a Hessian (every method)
+    out = output.out
+    writes = Writes(out=out is not None, block_copies=config.method.block_copies,
+                    compressed=config.sparsity if output.save_format == "compressed" else None,
+                    side_bytes=side_files_bytes(opened.files) if out is not None else 0,
+                    eval_samples=sum(min(len(w), data.eval_windows or len(w)) for w in cal.windows.values()))
     args = (opened, cal.samples, cal.seqlen, device, hessian, config.method.activation_buffers)
     whole = config.method.whole_model_bytes_per_weight
     offload = options.offload
-    budget = estimate(*args, offload, False, whole)
+    budget = estimate(*args, offload, False, whole, writes)
     if offload is None:
         offload = auto_offload(budget, device, available_ram())
         if offload is not None:
             log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
                      budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
-            budget = estimate(*args, offload, False, whole)
-    check_fits(budget, device, output.out, available_ram(), opened.streamed)
+            budget = estimate(*args, offload, False, whole, writes)
+    # an interrupted run's work folder is already on disk (and resumed, or removed by --restart)
+    held = bytes_under(WorkFolder(out, {}).path) if out is not None else 0
+    check_fits(budget, device, out, available_ram(), opened.streamed, held)
     return budget, offload
 
 

@@ -8,24 +8,39 @@ block open in its compute dtype, the statistics of its widest input (a
 Hessian and its inverse factor, fp32: d_in^2 * 4 bytes each), a few fp32
 copies of its largest weight matrix, and the activation buffer(s) of
 ``samples x seqlen x hidden`` in the compute dtype.
+
+The scratch disk is what the run has written at its peak, just before the
+work folder is removed: every pruned block in the work folder (once per
+candidate of ``--frozen auto``), the whole output beside it (for
+``--save-format compressed`` its dense staging copy and the compressed
+weights at once), and with ``--offload-activations disk`` the activation
+files (the evaluation windows' too when evaluation runs block by block).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Sparsity
 from ..errors import D2PruneError
 from .modeling import find_prunable, in_features, weight_matrix
+from .sparse_format import NM_PATTERNS, stored_bytes
 
 log = logging.getLogger(__name__)
 
 GB = 1e9
 PROCESS_BASELINE = 500_000_000  # python, torch, transformers and the tokenizer before any weight (measured: ~0.45 GB)
+# files besides the tensors' bytes: a tensor's entry in a safetensors header (measured ~100 bytes; in a
+# compressed output's index too) and a pruned layer's row in state.json or d2prune.json (measured ~250-300)
+TENSOR_ENTRY = 128
+LAYER_ROW = 512
 
 
 def _nbytes(params, dtype: torch.dtype | None = None) -> int:
@@ -43,9 +58,83 @@ class Budget:
         return {k: round(v / GB, 3) for k, v in vars(self).items()} | {"unit": "GB"}
 
 
+@dataclass(frozen=True)
+class Writes:
+    """What a run writes besides its activations: an output folder (``out``,
+    compressed at ``compressed`` sparsity, with ``side_bytes`` of config and
+    tokenizer files), ``block_copies`` pruned copies of every block, and
+    ``eval_samples`` evaluation windows (activation files when offloaded)."""
+
+    out: bool = False
+    block_copies: int = 1
+    compressed: Sparsity | None = None
+    side_bytes: int = 0
+    eval_samples: int = 0
+
+
+def side_files_bytes(files: list[Path]) -> int:
+    """Config and tokenizer files beside the checkpoint ``files`` (what the
+    output gets besides its weights); a checkpoint that has none beside it
+    (a GGUF file) gets an allowance for a large tokenizer."""
+    folder = files[0].parent if files else None
+    if folder is None or files[0].suffix == ".gguf":
+        return 16_000_000
+    names = ("*.json", "*.txt", "*.model", "*.jinja")
+    return sum(f.stat().st_size for pattern in names for f in folder.glob(pattern)
+               if f.is_file() and not f.name.endswith(".index.json"))
+
+
+def _compressed_matrix(shape, element_size: int, sparsity: Sparsity) -> tuple[int, int]:
+    """(bytes, tensors) of one pruned matrix in the compressed output: the
+    larger of the layouts it may take (an N:M pattern its sparsity fits, the
+    bitmask), or dense when neither is smaller (as :func:`d2prune.sparse_format.encode`)."""
+    rows, cols = shape
+    dense = rows * cols * element_size
+    layouts = [(stored_bytes(rows, cols, element_size, round(rows * cols * (1 - sparsity.ratio))), 3)]
+    if sparsity.is_nm:
+        keep = sparsity.m - sparsity.n  # kept per group of m
+        layouts += [(stored_bytes(rows, cols, element_size, 0, (k, m)), 4) for k, m in NM_PATTERNS
+                    if m % sparsity.m == 0 and cols % m == 0 and keep * (m // sparsity.m) <= k]
+    size, tensors = max(layouts)
+    return (size, tensors) if size < dense else (dense, 1)
+
+
+def scratch_disk(opened, writes: Writes, offload: str | None, activations: int, eval_activations: int) -> int:
+    """Bytes on disk at the run's peak (the module docstring lists them)."""
+    blocks = opened.source.blocks
+    block0, n_blocks = blocks[0], len(blocks)
+    params = list(block0.parameters())
+    layers = find_prunable(block0)
+    rows = LAYER_ROW * len(layers) * n_blocks  # the report rows of state.json and d2prune.json
+    in_blocks = {id(p) for b in blocks.layers for p in b.parameters()}
+    outside = [p for p in opened.model.parameters() if id(p) not in in_blocks]
+    block_file = _nbytes(params) + TENSOR_ENTRY * len(params)
+    total = 0
+    # the pruned blocks: the resume folder (--out), the streamed model's blocks, the work folder of the
+    # activation files, or the candidates of a search spilled to a temporary folder
+    if writes.out or opened.streamed or offload == "disk" or writes.block_copies > 1:
+        total += writes.block_copies * (n_blocks * block_file + rows)
+    if writes.out:
+        dense = _nbytes(outside) + TENSOR_ENTRY * len(outside) + n_blocks * block_file
+        total += dense + writes.side_bytes + rows
+        if writes.compressed is not None:  # the dense staging copy and the compressed weights, at once
+            stored, entries = 0, 0
+            pruned = {id(m.weight) for m in layers.values()}
+            for p in params:
+                size, tensors = _compressed_matrix(p.shape, p.element_size(), writes.compressed) \
+                    if id(p) in pruned and p.dim() == 2 else (_nbytes([p]), 1)
+                stored, entries = stored + size, entries + tensors
+            total += _nbytes(outside) + n_blocks * stored + 2 * TENSOR_ENTRY * (len(outside) + n_blocks * entries)
+    if offload == "disk":
+        total += activations + eval_activations
+    return total
+
+
 def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: bool, activation_buffers: int = 1,
-             offload: str | None = None, deltas: bool = False, whole_model_per_weight: int = 0) -> Budget:
-    """Peak needs of pruning ``opened`` (a :class:`d2prune.io.streaming.OpenedModel`)."""
+             offload: str | None = None, deltas: bool = False, whole_model_per_weight: int = 0,
+             writes: Writes | None = None) -> Budget:
+    """Peak needs of pruning ``opened`` (a :class:`d2prune.io.streaming.OpenedModel`)
+    that writes ``writes`` (default: nothing but what the run itself needs)."""
     model, blocks = opened.model, opened.source.blocks
     compute = opened.source.compute_dtype or opened.storage_dtype
     c_bytes = torch.empty((), dtype=compute).element_size()
@@ -78,13 +167,33 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: b
         weights = sum(p.numel() for b in blocks.layers for p in b.parameters())
         whole = _nbytes(list(model.parameters()), compute) + whole_model_per_weight * weights
         host, dev = (max(host, whole + PROCESS_BASELINE), dev) if on_cpu else (host, max(dev, whole))
-    disk = model_bytes + (acts if offload == "disk" else 0)
+    writes = writes or Writes()
+    # evaluation runs block by block (perplexity's sequential path, through the same activation store)
+    # on a streamed or half-stored model and off the CPU
+    eval_acts = writes.eval_samples * seqlen * hidden * c_bytes \
+        if opened.streamed or opened.source.compute_dtype is not None or not on_cpu else 0
+    disk = scratch_disk(opened, writes, offload, acts, eval_acts)
     return Budget(int(host), int(dev), int(disk), int(acts))
 
 
+def bytes_under(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist)."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def check_fits(budget: Budget, device: torch.device, scratch: str | Path | None, available_ram: int,
-               streamed: bool) -> None:
-    """Log the estimate; refuse (one line, naming the flag) when it cannot fit."""
+               streamed: bool, held: int = 0) -> None:
+    """Log the estimate; refuse (one line, naming the flag) when it cannot fit.
+    ``scratch``: the output folder (None: the files go to the temporary
+    folder); ``held``: bytes of the estimate already on disk there (the work
+    folder of an interrupted run, resumed or discarded)."""
     log.info("estimated peak: host RAM %.2f GB (%.2f GB available), device %.2f GB, scratch disk %.2f GB "
              "(activations %.2f GB)", budget.host_ram / GB, available_ram / GB, budget.device_memory / GB,
              budget.scratch_disk / GB, budget.activations / GB)
@@ -98,14 +207,18 @@ def check_fits(budget: Budget, device: torch.device, scratch: str | Path | None,
         if budget.device_memory > free:
             raise D2PruneError(f"this run needs about {budget.device_memory / GB:.1f} GB on {device} but {free / GB:.1f} GB "
                                "are free: use --offload-activations cpu, fewer --nsamples or a smaller --seqlen")
-    if scratch is not None:
-        parent = Path(scratch).expanduser().absolute()
+    if budget.scratch_disk:
+        parent = Path(scratch).expanduser().absolute() if scratch is not None else Path(tempfile.gettempdir())
         while not parent.exists():
             parent = parent.parent
-        free_disk = shutil.disk_usage(parent).free
-        if budget.scratch_disk > free_disk:
+        free_disk = shutil.disk_usage(parent).free + held
+        if budget.scratch_disk > free_disk and scratch is not None:
             raise D2PruneError(f"this run writes about {budget.scratch_disk / GB:.1f} GB beside {scratch} but only "
                                f"{free_disk / GB:.1f} GB are free there: free some space or choose another --out")
+        if budget.scratch_disk > free_disk:
+            raise D2PruneError(f"this run writes about {budget.scratch_disk / GB:.1f} GB of temporary files in {parent} "
+                               f"but only {free_disk / GB:.1f} GB are free there: set TMPDIR to a folder with room, "
+                               "or give --out DIR on a disk with room")
 
 
 def auto_offload(budget: Budget, device: torch.device, available_ram: int) -> str | None:

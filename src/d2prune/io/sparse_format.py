@@ -175,12 +175,18 @@ def nm_pattern(W: Tensor) -> tuple[int, int] | None:
 
 
 def compressed_bytes(W: Tensor, nm: tuple[int, int] | None) -> int:
-    rows, cols = W.shape
+    return stored_bytes(W.shape[0], W.shape[1], W.element_size(), 0 if nm is not None else int(_kept(W).sum()), nm)
+
+
+def stored_bytes(rows: int, cols: int, element_size: int, kept: int, nm: tuple[int, int] | None = None) -> int:
+    """Bytes of a ``[rows, cols]`` matrix in the N:M layout ``nm = (k, m)``
+    (``kept`` is then ``k`` per group of ``m``), else as a bitmask with
+    ``kept`` kept weights (also what a run's disk estimate counts)."""
     if nm is not None:
         k, m = nm
         kept = rows * cols // m * k
-        return kept * W.element_size() + math.ceil(kept * int(math.log2(m)) / 8) + 32
-    return rows * math.ceil(cols / 8) + int(_kept(W).sum()) * W.element_size() + 16
+        return kept * element_size + math.ceil(kept * int(math.log2(m)) / 8) + 32
+    return rows * math.ceil(cols / 8) + kept * element_size + 16
 
 
 def encode(name: str, t: Tensor) -> dict[str, Tensor]:

@@ -111,6 +111,10 @@ class D2PruneConfig(MethodConfig):
         return len(D2_CANDIDATES) if self.frozen == "auto" else 1
 
     @property
+    def block_copies(self) -> int:
+        return len(D2_CANDIDATES) if self.frozen == "auto" else 1
+
+    @property
     def column_block(self) -> int:
         return self.blocksize
 
