@@ -96,6 +96,33 @@ def whole(tmp_path_factory):
     return out
 
 
+# --------------------------------------------------------------------------- --fast
+def test_fast_resume_batches_like_the_uninterrupted_run(tmp_path, monkeypatch):
+    """The finished blocks of a resumed `--fast` run propagate several samples per forward (--fast: up to 8; here both) as the uninterrupted run did
+    (one at a time they would be other float operations: GPUs and other BLAS builds round them differently)."""
+    import d2prune.engine as engine
+
+    batches: list[int] = []
+    real = engine.run_block
+    monkeypatch.setattr(engine, "run_block", lambda block, hidden, *a, **k: batches.append(hidden.shape[0])
+                        or real(block, hidden, *a, **k))
+    _prune(tmp_path / "whole", *PLAIN, "--fast")
+    uninterrupted, batches[:] = list(batches), []
+    assert uninterrupted == [2] * 5  # one forward of both samples per block: the propagation is batched
+
+    _crash_after_block(monkeypatch, 2)
+    with pytest.raises(_Crash):
+        _prune(tmp_path / "out", *PLAIN, "--fast")
+    monkeypatch.undo()
+    monkeypatch.setattr(engine, "run_block", lambda block, hidden, *a, **k: batches.append(hidden.shape[0])
+                        or real(block, hidden, *a, **k))
+    batches[:] = []
+    rec = _prune(tmp_path / "out", *PLAIN, "--fast")
+    assert rec["memory"]["resumed_from_block"] == 3
+    assert batches == uninterrupted  # blocks 0-2 re-run as batches of 2, not 2 single samples
+    _same(_weights(tmp_path / "whole"), _weights(tmp_path / "out"))
+
+
 # --------------------------------------------------------------------------- a save killed at its end
 SAVE_KILLED = """
 import os, signal, sys
