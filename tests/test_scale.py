@@ -203,6 +203,7 @@ def test_changed_run_refuses_to_resume(tmp_path):
     w = WorkFolder(tmp_path / "out", {"config": {"sparsity": 0.5}, "calibration": "abc"})
     assert w.begin(5) == 0
     w.commit(2, [], {})
+    w.release()  # that run has ended (a run holds its work folder's lock while it lives)
     again = WorkFolder(tmp_path / "out", {"config": {"sparsity": 0.6}, "calibration": "abc"})
     with pytest.raises(D2PruneError, match="another config"):
         again.begin(5)

@@ -203,6 +203,8 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, output: O
     except BaseException:
         if work is not None and output.out is None:  # a temporary work folder cannot be resumed: nothing to keep
             work.remove()
+        elif work is not None:
+            work.release()  # unlocked (as a killed process's is): the next run on this --out may take it over
         raise  # with --out the work folder stays: the same command resumes
     finally:
         distributed.finish()

@@ -124,7 +124,8 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
     if sparsity.ratio > 0:
         out.resumed_from = resume_point(run, method, out.layers)
     sequential(run.model, run.calibration, run.device, step, desc="block", blocks=run.blocks, source=run.source,
-               start=out.resumed_from, after=after if run.work is not None and sparsity.ratio > 0 else None)
+               start=out.resumed_from, after=after if run.work is not None and sparsity.ratio > 0 else None,
+               batch=run.options.batch)  # finished blocks of a resumed run propagate as step() did
     out.summary = method.summary()
     return out
 

@@ -19,7 +19,6 @@ candidate settings (:mod:`d2prune.methods.d2prune.search`), so neither imports t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar
@@ -326,28 +325,43 @@ def _rows(saved: list[dict]) -> list[LayerReport]:
     return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved]
 
 
+def block_of(row: LayerReport, prefix: str) -> int:
+    """The block a report row belongs to (its name is ``PREFIX.i.NAME``)."""
+    return int(row.name.removeprefix(prefix + ".").split(".", 1)[0])
+
+
+def block_shapes(run: PruneRun, i: int) -> dict[str, tuple[int, ...]]:
+    """``{checkpoint name: shape}`` of block ``i``'s tensors: what its file in the work folder must hold."""
+    return {f"{run.blocks.prefix}.{i}.{n}": tuple(p.shape) for n, p in run.blocks[i].named_parameters()}
+
+
+def usable_blocks(run: PruneRun, start: int, tags: tuple[str, ...] = ("",)) -> int:
+    """How many of the ``start`` finished blocks can be put back: a block whose
+    file (under any of ``tags``) is missing or damaged is pruned again, and so
+    is every block after it (they were pruned on its outputs)."""
+    for i in range(start):
+        for tag in tags:
+            why = run.work.damaged(i, block_shapes(run, i), tag)
+            if why:
+                log.warning("%s: pruning blocks %d-%d again", why, i + 1, len(run.blocks))
+                return i
+    return start
+
+
 def resume_point(run: PruneRun, method: Method, rows: list[LayerReport]) -> int:
     """With a resume folder: the first block left to prune. The finished
     blocks' weights are put back into ``run.source``, their report rows
     appended to ``rows`` and the method's per-block choices restored."""
     if run.work is None:
         return 0
-    start = run.work.begin(len(run.blocks))
+    start = usable_blocks(run, run.work.begin(len(run.blocks)))
+    with run.work.reading():
+        saved = [r for r in _rows(run.work.state["rows"]) if block_of(r, run.blocks.prefix) < start]
+        method.load_state(run.work.state["method"])  # a block pruned again overwrites its choice
     for i in range(start):
         run.source.restore(i, run.work.block_path(i))
-    rows.extend(_rows(run.work.state["rows"]))
-    method.load_state(run.work.state["method"])
+    rows.extend(saved)
     return start
-
-
-def load_block_shard(block: nn.Module, prefix: str, shard: str | os.PathLike) -> None:
-    """Copy a saved block's tensors (checkpoint names ``prefix.NAME``) into
-    ``block`` as it is now (on its device, in its compute dtype)."""
-    from safetensors.torch import load_file
-
-    for name, t in load_file(str(shard)).items():
-        p = block.get_parameter(name.removeprefix(prefix + "."))
-        p.data.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
 def save_block(run: PruneRun, i: int, block: nn.Module, rows: list[LayerReport], method_state: dict,

@@ -234,14 +234,16 @@ BlockStep = Callable[[int, nn.Module, BlockInputs], None]
 
 def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: BlockStep,
                desc: str = "block", blocks: Blocks | None = None, source: BlockSource | None = None,
-               start: int = 0, after: BlockStep | None = None) -> BlockInputs:
+               start: int = 0, after: BlockStep | None = None, batch: int = 1) -> BlockInputs:
     """Capture block inputs, then call ``step(i, block_on_device, inputs)`` for
     every block in order. ``step`` must leave the block's outputs in
     ``inputs.hidden`` (they are the next block's inputs).
 
     ``source`` says where blocks come from (default: the model's own modules,
     in their own dtype). Blocks before ``start`` are only run forward (a
-    resumed prune: their finished weights are already in the source), and
+    resumed prune: their finished weights are already in the source), ``batch``
+    samples per forward as the interrupted run's ``step`` propagated them (the
+    same float operations, so the same activations), and
     ``after(i, block, inputs)`` runs once block ``i``'s step is done, while
     the block is still open (to write it out / checkpoint the run)."""
     blocks = blocks or find_blocks(model)
@@ -254,7 +256,7 @@ def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: 
         bar.set_description(f"{desc} {i + 1}/{len(blocks)}")
         with source.open(i, device) as block:
             if i < start:
-                propagate(block, i, inputs)
+                propagate(block, i, inputs, batch)
                 continue
             step(i, block, inputs)
             if after is not None:

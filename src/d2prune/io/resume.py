@@ -12,6 +12,14 @@ block (bit-identical, since the saved weights are exactly what the
 interrupted run propagated with; see
 :func:`d2prune.io.modeling.set_weight_matrix`). A successful run removes the folder.
 
+The folder's files are checked before they are trusted: a finished block whose
+file is missing, truncated or holds other tensors is pruned again (with every
+block after it), and a ``state.json`` that is not what this version writes
+stops the run in one line naming ``--restart``. The process that writes the
+folder holds an advisory lock on it (``flock``, released by the OS when the
+process dies, so a killed run never leaves it stuck): a second run on the same
+``--out`` is refused at once.
+
 Nothing here deletes a folder the tool did not write: the work folder carries
 a marker file, and only a folder holding it is ever removed.
 """
@@ -23,7 +31,9 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from torch import Tensor
 
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
 MARKER_NAME = ".d2prune-work"
+LOCK_NAME = "lock"  # held (flock) by the process writing the folder; it holds that process's pid
 
 
 def tensor_digest(t: Tensor) -> str:
@@ -85,6 +96,7 @@ class WorkFolder:
         self.identity = json.loads(json.dumps(identity, default=str))  # what state.json will compare against
         self.state: dict = {}
         self.temp_root: Path | None = None  # a private temporary folder this work folder lives in (removed with it)
+        self._lock = None  # the open lock file while this process holds the folder
 
     @classmethod
     def temporary(cls, prefix: str, identity: dict, writer: bool = True) -> "WorkFolder":
@@ -101,9 +113,18 @@ class WorkFolder:
     def begin(self, n_blocks: int) -> int:
         """Create the folder, or check an interrupted run's identity; returns
         the first block left to prune."""
+        try:
+            return self._begin(n_blocks)
+        except BaseException:
+            self.release()  # refused: the folder is left as it was, for whichever run it belongs to
+            raise
+
+    def _begin(self, n_blocks: int) -> int:
         state_file = self.path / STATE_NAME
+        if self.writer and self.path.exists():
+            self.ensure()  # ours, and locked before anything in it is read or removed
         if self.path.exists() and self.restart and self.writer:
-            self.remove()
+            self._clear()
         # another rank of a torchrun job never looks at a folder that rank 0 discards: it may be read before
         # rank 0 has removed it, and another run's identity there would stop this rank alone
         if state_file.is_file() and not (self.restart and not self.writer):
@@ -111,9 +132,13 @@ class WorkFolder:
                 state = json.loads(state_file.read_text())
             except ValueError as e:
                 raise D2PruneError(f"{state_file} is corrupt ({e}): rerun with --restart to start over") from e
-            diff = [k for k in sorted(set(self.identity) | set(state.get("identity", {})))
-                    if self.identity.get(k) != state.get("identity", {}).get(k)]
-            saved_world = state.get("identity", {}).get("world_size")
+            why = _state_shape_error(state, n_blocks)
+            if why:
+                raise D2PruneError(f"{state_file} is not a state this version of d2prune wrote ({why}): rerun with "
+                                   "--restart to start over")
+            diff = [k for k in sorted(set(self.identity) | set(state["identity"]))
+                    if self.identity.get(k) != state["identity"].get(k)]
+            saved_world = state["identity"].get("world_size")
             if "world_size" in diff and saved_world is not None:  # said first: the command alone does not show it
                 others = ", ".join(k for k in diff if k != "world_size")
                 others = f" with another {others}" if others else ""
@@ -138,16 +163,73 @@ class WorkFolder:
         self.state = {"identity": self.identity, "next_block": 0, "n_blocks": n_blocks, "rows": [], "method": {}}
         return 0
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Decoding what ``state.json`` holds (report rows, a method's
+        choices): a value of the wrong shape is one line naming ``--restart``."""
+        try:
+            yield
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise D2PruneError(f"{self.path / STATE_NAME} holds values this version of d2prune cannot read "
+                               f"({type(e).__name__}: {e}): rerun with --restart to start over") from e
+
     def ensure(self) -> Path:
-        """The folder, created with its marker (refused if someone else's)."""
+        """The folder, created with its marker (refused if someone else's) and
+        locked by this process (refused if another run holds it)."""
         if self.path.exists() and not (self.path / MARKER_NAME).is_file():
             raise D2PruneError(f"{self.path} exists and was not written by d2prune: move it away or choose another --out")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire()
             (self.path / MARKER_NAME).write_text(f"{os.getpid()}\n")
         except OSError as e:
             raise D2PruneError(f"could not create the work folder {self.path}: {e.strerror or e}") from e
         return self.path
+
+    def _acquire(self) -> None:
+        """Hold the folder's lock (once per process; a no-op if already held).
+        ``flock`` is released by the OS when the process dies, however it dies."""
+        if self._lock is not None or not self.writer:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not a POSIX system: no advisory locks
+            return
+        lock_path = self.path / LOCK_NAME
+        for _ in range(10):  # the folder (and its lock file) may be removed under us by a run that just finished
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                f = open(lock_path, "a+")
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip()
+                f.close()
+                raise D2PruneError(f"another d2prune run{f' (pid {pid})' if pid else ''} is using {self.path}, the work "
+                                   "folder of this --out: wait for it to end, or choose another --out") from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a lock file its owner removed on the way out: take the new one
+                f.close()
+                continue
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            self._lock = f
+            return
+        raise D2PruneError(f"could not lock the work folder {self.path}: it keeps disappearing; rerun the command")
+
+    def release(self) -> None:
+        """Let go of the folder's lock (the run has ended, however)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     # ------------------------------------------------------------------ per block
     def block_path(self, i: int, tag: str = "") -> Path:
@@ -162,10 +244,23 @@ class WorkFolder:
         _atomic_write(path, lambda p: save_file(tensors, str(p)))
         return path
 
-    def read_block(self, i: int, tag: str = "") -> dict[str, Tensor]:
-        from safetensors.torch import load_file
+    def damaged(self, i: int, shapes: dict[str, tuple[int, ...]], tag: str = "") -> str | None:
+        """Why block ``i``'s file cannot be put back - missing, unreadable
+        (truncated: its header no longer matches its length) or holding other
+        tensors than ``shapes`` (``{checkpoint name: shape}``) - or None."""
+        from safetensors import safe_open
 
-        return load_file(str(self.block_path(i, tag)))
+        path = self.block_path(i, tag)
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors' SafetensorError (truncated, garbage) or an OSError
+            return f"{path} cannot be read ({type(e).__name__}: {e})"
+        if held != shapes:
+            return f"{path} does not hold the tensors of block {i}"
+        return None
 
     def commit(self, next_block: int, rows: list[dict], method_state: dict, extra: dict | None = None) -> None:
         """Record that every block before ``next_block`` is finished."""
@@ -175,9 +270,40 @@ class WorkFolder:
         _atomic_write(self.path / STATE_NAME, lambda p: p.write_text(json.dumps(self.state, indent=1, default=str)))
 
     # ------------------------------------------------------------------ end
+    def _clear(self) -> None:
+        """Empty the folder (``--restart``), keeping its marker and the lock
+        this process holds (a lock file removed now would let another run in)."""
+        if not (self.writer and (self.path / MARKER_NAME).is_file()):
+            return
+        for child in self.path.iterdir():
+            if child.name in (LOCK_NAME, MARKER_NAME):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
     def remove(self) -> None:
         if self.writer and (self.path / MARKER_NAME).is_file():
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._clear()
+            for name in (MARKER_NAME, LOCK_NAME):  # the lock file last, while it is still held
+                (self.path / name).unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:  # another run already took the folder over after the lock file went
+                pass
+        self.release()
         if self.temp_root is not None:  # the temporary folder we made, nothing above it
             shutil.rmtree(self.temp_root, ignore_errors=True)
 
+
+def _state_shape_error(state, n_blocks: int) -> str | None:
+    """What is wrong with the shape of a parsed ``state.json``, or None."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for key, kind in (("identity", dict), ("next_block", int), ("rows", list), ("method", dict)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"{key!r} is not a JSON {'object' if kind is dict else 'array' if kind is list else 'integer'}"
+    if not 0 <= state["next_block"] <= n_blocks:
+        return f"next_block {state['next_block']} is not a block of this {n_blocks}-block model"
+    return None

@@ -3,9 +3,11 @@
 Everything (safetensors weights, config, tokenizer, ``d2prune.json``) is
 written into a temporary folder beside the target and renamed into place at
 the end, so an interrupted or failed run (full disk included) never leaves a
-half-written model behind. A save killed outright (SIGKILL) leaves its hidden
-temporary folder; the next save into the same place removes it
-(:func:`reclaim_stale`), and only folders marked as ours by a dead process.
+half-written model behind. The output is staged inside a hidden folder that
+carries a marker (``.NAME.tmp-*/x``) and renamed out of it, so a save killed
+outright (SIGKILL) at any point - writing, or between the final rename and the
+cleanup - leaves a marked folder; the next save into the same place removes
+it (:func:`reclaim_stale`), and only folders marked as ours by a dead process.
 """
 
 from __future__ import annotations
@@ -238,35 +240,35 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, record: dict, overwrit
         raise D2PruneError(f"could not create {parent}: {e.strerror or e}") from e
     tmp: Path | None = None
     try:
+        # the output is written into tmp/x and renamed out of it: the marked folder tmp outlives the
+        # rename, so a save killed at any point leaves only folders the next save can tell are ours
         tmp = make_temp(parent, f".{target.name}.tmp-")
-        # mkdtemp makes a private (0700) folder; the output gets the permissions a plain mkdir would give
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        staged = tmp / "x"
+        staged.mkdir()  # a plain mkdir: the permissions the output would have had if made directly
         if write_weights is None:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(staged, safe_serialization=True)
         else:
-            write_weights(tmp)
+            write_weights(staged)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        drop_auto_map(tmp)
-        write_json(tmp / RECORD_NAME, record)
-        _fsync_dir(tmp)
+            tokenizer.save_pretrained(staged)
+        drop_auto_map(staged)
+        write_json(staged / RECORD_NAME, record)
+        _fsync_dir(staged)
         with sigint_deferred():  # the swap below is never left half-done by Ctrl-C
-            (tmp / TMP_MARKER).unlink()
             if target.exists():  # overwrite: move the old folder aside, put the new one in, then drop the old
                 old = make_temp(parent, f".{target.name}.old-")
                 os.rename(target, old / "x")
                 try:
-                    os.rename(tmp, target)
+                    os.rename(staged, target)
                 except OSError:
                     os.rename(old / "x", target)  # put the user's previous output back
                     remove_ours(old)
                     raise
                 remove_ours(old)
             else:
-                os.rename(tmp, target)
+                os.rename(staged, target)
             _fsync_dir(parent)
+            remove_ours(tmp)
     except Exception as e:  # OSError, safetensors' SafetensorError, ... -> one line, nothing left behind
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -204,10 +204,15 @@ class BlockSource:
     def restore(self, i: int, shard: str | os.PathLike) -> None:
         """Replace block ``i``'s weights by those saved in ``shard`` (a finished
         block of an interrupted run; checkpoint names ``PREFIX.i.NAME``)."""
-        from safetensors.torch import load_file
+        load_block_shard(self.blocks[i], f"{self.blocks.prefix}.{i}", shard)
 
-        prefix = f"{self.blocks.prefix}.{i}."
-        params = dict(self.blocks[i].named_parameters())
-        for name, t in load_file(str(shard)).items():
-            p = params[name.removeprefix(prefix)]
-            p.data = t.to(device=p.device, dtype=p.dtype)
+
+def load_block_shard(block: nn.Module, prefix: str, shard: str | os.PathLike) -> None:
+    """Copy a saved block's tensors (checkpoint names ``prefix.NAME``) into
+    ``block`` as it is now (where it is, in the dtype it has: at rest or
+    opened on the device in its compute dtype)."""
+    from safetensors.torch import load_file
+
+    for name, t in load_file(str(shard)).items():
+        p = block.get_parameter(name.removeprefix(prefix + "."))
+        p.data.copy_(t.to(device=p.device, dtype=p.dtype))

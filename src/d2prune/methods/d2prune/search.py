@@ -34,11 +34,11 @@ from torch import Tensor, nn
 
 from ...engine import distributed
 from ...evaluation.attention import TINY, find_attention, kl_rows, run_with_attention
-from ...engine.calibration import (CandidateSearch, LayerReport, PruneOutcome, PruneRun, calibrate,
-                                  load_block_shard, prune_layers, register_search, resume_point, save_block)
-from ...config import to_dict
+from ...engine.calibration import (BlockLayers, CandidateSearch, LayerReport, PruneOutcome, PruneRun, block_of, block_shapes, calibrate, prune_layers, register_search, resume_point, save_block, usable_blocks)
 from .config import D2_CANDIDATES, D2PruneConfig
+from ...config import to_dict
 from ...engine.sequential import BlockInputs, check_finite, propagate, run_block, run_head, sequential
+from ...io.source import load_block_shard
 from ...errors import D2PruneError
 from ...evaluation.perplexity import window_nll
 from ...evaluation.vision import image_loss
@@ -106,49 +106,90 @@ class AutoSearch(D2Search):
         self.work = run.work or WorkFolder.temporary("d2prune-auto-", {})
         try:
             self.start = self._resume(run)
-            inputs = sequential(run.model, torch.cat([run.calibration, held]), run.device,
-                                lambda i, block, inputs: self._step(run, i, block, inputs), desc="auto block",
-                                blocks=run.blocks, source=run.source)
-            loop_seconds = time.perf_counter() - t_start
-            scores = {c: self._heldout_ppl(run, cand, inputs) for c, cand in self.candidates.items()}
-            best = min(scores, key=scores.get)
-            for i in range(len(run.blocks)):  # the chosen candidate's blocks become the run's blocks
-                if self.work.writer:  # (another process of a torchrun job keeps nothing: rank 0 writes the output)
-                    os.replace(self.work.block_path(i, best), self.work.block_path(i))
-                    run.source.restore(i, self.work.block_path(i))
+            with self.work.reading():
+                chosen, summary = self.work.state.get("chosen"), self.work.state.get("summary")
+                if chosen is not None:
+                    if chosen not in self.candidates:
+                        raise ValueError(f"chosen candidate {chosen!r}")
+                    ppl = {k: round(v, 3) for k, v in summary["heldout_ppl"].items()}
+            if chosen is None:
+                summary = self._search(run, held, t_start)
+                chosen = summary["chosen"]
+                # the choice is committed before the chosen blocks are renamed: a run killed from here on
+                # (renaming, evaluating, saving) resumes with that choice instead of searching again
+                self._commit(len(run.blocks) - 1, {"chosen": chosen, "summary": summary})
+                log.info("auto: held-out ppl %s -> freeze %s (%.1fx the cost of one prune)",
+                         {k: round(v, 3) for k, v in summary["heldout_ppl"].items()}, chosen,
+                         summary["cost_vs_one_prune"] or 0)
+            else:
+                log.info("auto: resuming after the search, which chose freeze %s (held-out ppl %s)", chosen, ppl)
+            self._keep(run, chosen)
         finally:
             if run.work is None:
                 self.work.remove()
+        return PruneOutcome(self.candidates[chosen].rows, summary, resumed_from=self.start)
+
+    def _search(self, run: PruneRun, held: Tensor, t_start: float) -> dict:
+        """Every candidate pruned block by block, then scored on the held-out
+        windows; the summary for ``d2prune.json``, the choice in ``chosen``."""
+        inputs = sequential(run.model, torch.cat([run.calibration, held]), run.device,
+                            lambda i, block, inputs: self._step(run, i, block, inputs), desc="auto block",
+                            blocks=run.blocks, source=run.source)
+        loop_seconds = time.perf_counter() - t_start
+        scores = {c: self._heldout_ppl(run, cand, inputs) for c, cand in self.candidates.items()}
+        best = min(scores, key=scores.get)
         total = time.perf_counter() - t_start
         secs = {c: cand.seconds for c, cand in self.candidates.items()}
         capture = loop_seconds - sum(secs.values()) - self.shared_seconds
         one_prune = capture + self.shared_seconds + sum(secs.values()) / len(secs)  # what a fixed choice would cost
-        summary = {
+        return {
             **self.candidates[best].method.summary(), "frozen": "auto", "chosen": best,
             "heldout_ppl": scores, "heldout_windows": int(held.shape[0]),
             "seconds_per_candidate": secs, "shared_seconds": capture + self.shared_seconds,
             "total_seconds": total, "cost_vs_one_prune": total / one_prune if one_prune > 0 else None,
         }
-        log.info("auto: held-out ppl %s -> freeze %s (%.1fx the cost of one prune)",
-                 {k: round(v, 3) for k, v in scores.items()}, best, summary["cost_vs_one_prune"] or 0)
-        return PruneOutcome(self.candidates[best].rows, summary, resumed_from=self.start)
+
+    def _keep(self, run: PruneRun, best: str) -> None:
+        """The chosen candidate's blocks become the run's blocks (``block-00007``,
+        what the output is written from); the others' files are dropped. Safe
+        to repeat: a rerun after a kill finds some blocks already renamed."""
+        if not self.work.writer:  # another process of a torchrun job keeps nothing: rank 0 writes the output
+            return
+        for i in range(len(run.blocks)):
+            if self.work.block_path(i, best).exists():
+                os.replace(self.work.block_path(i, best), self.work.block_path(i))
+            why = self.work.damaged(i, block_shapes(run, i))
+            if why:
+                raise D2PruneError(f"{why}: the pruned blocks of this --out cannot be recovered; rerun with "
+                                   "--restart to prune again")
+            for c in self.candidates:
+                if c != best:
+                    self.work.block_path(i, c).unlink(missing_ok=True)
+        for i in range(len(run.blocks)):
+            run.source.restore(i, self.work.block_path(i))
 
     def _resume(self, run: PruneRun) -> int:
         """An interrupted search continues after its last block finished by
-        every candidate (their rows, choices and times are in the state)."""
+        every candidate (their rows, choices and times are in the state); a
+        block whose file of any candidate is missing or damaged, and every
+        block after it, is pruned again."""
         start = self.work.begin(len(run.blocks))
-        saved = self.work.state.get("candidates", {})
-        for c, cand in self.candidates.items():
-            if c in saved:
-                cand.rows.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in saved[c]["rows"])
-                cand.method.load_state(saved[c]["method"])
-                cand.seconds = saved[c]["seconds"]
+        if start and "chosen" not in self.work.state:
+            start = usable_blocks(run, start, tuple(self.candidates))
+        with self.work.reading():
+            saved = self.work.state.get("candidates", {})
+            for c, cand in self.candidates.items():
+                if c in saved:
+                    cand.rows.extend(r for r in (LayerReport(**{**r, "shape": tuple(r["shape"])})
+                                                 for r in saved[c]["rows"]) if block_of(r, run.blocks.prefix) < start)
+                    cand.method.load_state(saved[c]["method"])
+                    cand.seconds = saved[c]["seconds"]
         return start
 
-    def _commit(self, i: int) -> None:
+    def _commit(self, i: int, extra: dict | None = None) -> None:
         self.work.commit(i + 1, [], {}, {"candidates": {
             c: {"rows": [to_dict(r) for r in cand.rows], "method": cand.method.state(), "seconds": cand.seconds}
-            for c, cand in self.candidates.items()}})
+            for c, cand in self.candidates.items()}, **(extra or {})})
 
     @torch.no_grad()
     def _step(self, run: PruneRun, i: int, block: nn.Module, inputs: BlockInputs) -> None:
@@ -237,7 +278,9 @@ class PerLayerSearch(D2Search):
     def run(self, run: PruneRun) -> PruneOutcome:
         start = resume_point(run, self.method, self.rows)
         if run.work is not None:
-            self.choices.update({int(i): BlockChoice(**c) for i, c in run.work.state.get("choices", {}).items()})
+            with run.work.reading():
+                self.choices.update({int(i): BlockChoice(**c) for i, c in run.work.state.get("choices", {}).items()
+                                     if int(i) < start})
         with eager_attention(run.model):  # explicit masks and attention probabilities
             sequential(run.model, run.calibration, run.device, lambda i, block, inputs: self._step(run, i, block, inputs),
                        desc="per-layer block", blocks=run.blocks, source=run.source, start=start)
