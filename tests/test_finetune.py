@@ -199,3 +199,24 @@ def test_lr_schedule_and_config_checks():
         FinetuneConfig(batch_size=3, micro_batch_size=2)
     with pytest.raises(D2PruneError, match="--lora-dropout"):
         FinetuneConfig(lora_dropout=1.0)
+
+
+def test_finetune_checkpoints_live_in_the_prune_work_folder_class(tmp_path):
+    """One work-folder class: fine-tuning's checkpoints get the prune's marker, lock and identity check."""
+    from d2prune import D2PruneError
+    from d2prune.finetune import FinetuneWork
+    from d2prune.io.resume import MARKER_NAME, WorkFolder
+
+    first = FinetuneWork(tmp_path / "out", {"data": "a"})
+    assert isinstance(first, WorkFolder) and first.load() is None
+    first.save(3, {"param.x": torch.arange(4.0)}, {"losses": [1.0, 0.5, 0.25]})
+    assert (first.path / MARKER_NAME).is_file() and first.path.name == f".out{WORK_SUFFIX}"
+    second = FinetuneWork(tmp_path / "out", {"data": "a"})
+    with pytest.raises(D2PruneError, match="another d2prune run .* is using"):  # the first still holds it
+        second.load()
+    first.release()
+    state = second.load()
+    assert state["step"] == 3 and torch.equal(second.tensors(state)["param.x"], torch.arange(4.0))
+    second.release()
+    with pytest.raises(D2PruneError, match="interrupted fine-tuning with another data"):
+        FinetuneWork(tmp_path / "out", {"data": "b"}).load()

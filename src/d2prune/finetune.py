@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .errors import D2PruneError, first_line
 from .io.modeling import check_seqlen, find_blocks, find_prunable, pick_device
-from .io.resume import MARKER_NAME, _atomic_write, files_digest, tensor_digest
+from .io.resume import STATE_NAME, WorkFolder, files_digest, tensor_digest
 from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,6 @@ AUTHORS_STEPS = 30000 // 128
 DEFAULT_SEQLEN = 1024
 DATA_SEED_OFFSET = 1_000_003  # training windows never replay the calibration draw of the same --seed
 WORK_SUFFIX = ".finetune-work"
-STATE_NAME = "state.json"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -233,24 +231,22 @@ def merge_masked(peft_model, storage_dtype: torch.dtype | None = None) -> nn.Mod
 
 
 # --------------------------------------------------------------------------- checkpoints
-class FinetuneWork:
+class FinetuneWork(WorkFolder):
     """``.OUT.finetune-work/`` beside the output: ``step-NNNNNN.safetensors``
     (adapter + optimizer + RNG) then ``state.json`` naming it, each written
     atomically; the state file is the commit point, so a kill between the two
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. Marker, lock, identity check and
+    removal are the prune's work folder's (:class:`d2prune.io.resume.WorkFolder`)."""
 
     def __init__(self, out: str | os.PathLike, identity: dict, restart: bool = False):
-        out = Path(out).expanduser().absolute()
-        self.path = out.parent / f".{out.name}{WORK_SUFFIX}"
-        self.identity = json.loads(json.dumps(identity, default=str))
-        self.restart = restart
+        super().__init__(out, identity, restart, suffix=WORK_SUFFIX)
 
     def load(self) -> dict | None:
         """The interrupted run's state (identity checked), or None to start fresh."""
-        if self.path.exists() and not (self.path / MARKER_NAME).is_file():
-            raise D2PruneError(f"{self.path} exists and was not written by d2prune: move it away or choose another --out")
+        if self.path.exists():
+            self.ensure()  # ours (its marker), and locked by this run before anything in it is read or removed
         if self.restart:
-            self.remove()
+            self._clear()
             return None
         state_file = self.path / STATE_NAME
         if not state_file.is_file():
@@ -259,22 +255,20 @@ class FinetuneWork:
             state = json.loads(state_file.read_text())
         except ValueError as e:
             raise D2PruneError(f"{state_file} is corrupt ({e}): rerun with --restart to start over") from e
-        theirs = state.get("identity", {})
-        diff = [k for k in sorted(set(self.identity) | set(theirs)) if self.identity.get(k) != theirs.get(k)]
-        if diff:
-            raise D2PruneError(f"{self.path} holds an interrupted fine-tuning with another {', '.join(diff)}: rerun its "
-                               "own command to resume it, or pass --restart to discard it")
+        if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
+            raise D2PruneError(f"{state_file} is not a state this version of d2prune wrote: rerun with --restart to "
+                               "start over")
+        self.check_identity(state["identity"], "fine-tuning")
         return state
 
     def save(self, step: int, tensors: dict[str, Tensor], state: dict) -> None:
         from safetensors.torch import save_file
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / MARKER_NAME).write_text(f"{os.getpid()}\n")
+        self.ensure()
         name = f"step-{step:06d}.safetensors"
-        _atomic_write(self.path / name, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+        self.write_atomic(name, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
         record = {**state, "identity": self.identity, "step": step, "tensors": name}
-        _atomic_write(self.path / STATE_NAME, lambda p: p.write_text(json.dumps(record, indent=1, default=str)))
+        self.write_atomic(STATE_NAME, lambda p: p.write_text(json.dumps(record, indent=1, default=str)))
         for old in self.path.glob("step-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -282,11 +276,8 @@ class FinetuneWork:
     def tensors(self, state: dict) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.path / state["tensors"]))
-
-    def remove(self) -> None:
-        if (self.path / MARKER_NAME).is_file():
-            shutil.rmtree(self.path, ignore_errors=True)
+        with self.reading():
+            return load_file(str(self.path / state["tensors"]))
 
 
 def trainable(peft_model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -425,66 +416,70 @@ def finetune(pruned: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCon
 
     run = _open_run(pruned, cfg, dev, docs, text, eval_seqlen, eval_windows)
     work = FinetuneWork(target, run.identity, restart)
-    state = work.load()
-    before = state["ppl_before"] if state and "ppl_before" in state else run.evaluate(run.model)
-    peft_model = add_lora(run.model, cfg, run.targets)
-    params = trainable(peft_model)
-    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    progress = TrainingProgress()
-    if state:
-        restore_training_state(work.tensors(state), params, opt, dev)
-        progress = TrainingProgress(int(state["step"]), list(state["losses"]), float(state["train_seconds"]),
-                                    list(state.get("resumed_from", [])) + [int(state["step"])])
-        log.info("resuming from step %d/%d (checkpoint in %s)", progress.step, cfg.steps, work.path)
-    n_trainable = sum(p.numel() for _, p in params)
-    log.info("LoRA r=%d on %d Linears (%d trainable parameters), %d steps x %d windows x %d tokens",
-             cfg.lora_r, len(run.targets), n_trainable, cfg.steps, cfg.batch_size, run.seqlen)
+    try:
+        state = work.load()
+        before = state["ppl_before"] if state and "ppl_before" in state else run.evaluate(run.model)
+        peft_model = add_lora(run.model, cfg, run.targets)
+        params = trainable(peft_model)
+        opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        progress = TrainingProgress()
+        if state:
+            restore_training_state(work.tensors(state), params, opt, dev)
+            progress = TrainingProgress(int(state["step"]), list(state["losses"]), float(state["train_seconds"]),
+                                        list(state.get("resumed_from", [])) + [int(state["step"])])
+            log.info("resuming from step %d/%d (checkpoint in %s)", progress.step, cfg.steps, work.path)
+        n_trainable = sum(p.numel() for _, p in params)
+        log.info("LoRA r=%d on %d Linears (%d trainable parameters), %d steps x %d windows x %d tokens",
+                 cfg.lora_r, len(run.targets), n_trainable, cfg.steps, cfg.batch_size, run.seqlen)
 
-    def checkpoint(done: int) -> None:
-        if save_every and done % save_every == 0 and done < cfg.steps:
-            work.save(done, training_state(params, opt, dev),
-                      {"losses": progress.losses, "train_seconds": progress.train_seconds, "ppl_before": before,
-                       "resumed_from": progress.resumed_from})
-        if on_step is not None:
-            on_step(done)
+        def checkpoint(done: int) -> None:
+            if save_every and done % save_every == 0 and done < cfg.steps:
+                work.save(done, training_state(params, opt, dev),
+                          {"losses": progress.losses, "train_seconds": progress.train_seconds, "ppl_before": before,
+                           "resumed_from": progress.resumed_from})
+            if on_step is not None:
+                on_step(done)
 
-    train(peft_model, opt, run.windows, cfg, dev, progress, checkpoint)
-    merged = merge_keeping_zeros(peft_model, run.storage, run.targets, run.masks_before)
-    t_eval = time.perf_counter()
-    after = run.evaluate(merged)  # the weights saved, rounded to storage
-    eval_seconds = time.perf_counter() - t_eval
+        train(peft_model, opt, run.windows, cfg, dev, progress, checkpoint)
+        merged = merge_keeping_zeros(peft_model, run.storage, run.targets, run.masks_before)
+        t_eval = time.perf_counter()
+        after = run.evaluate(merged)  # the weights saved, rounded to storage
+        eval_seconds = time.perf_counter() - t_eval
 
-    section = {
-        "source": str(pruned), "config": {**cfg.to_dict(), "seqlen": run.seqlen, "scaling": cfg.scaling},
-        "authors_defaults": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 1e-4, "seqlen": 1024,
-                             "batch_size": 128, "steps": AUTHORS_STEPS, "warmup_steps": 5,
-                             "target_modules": ["q_proj", "v_proj"]},
-        "targets": len(run.targets), "trainable_parameters": n_trainable,
-        "data": {"file": data or "hub: allenai/c4 en/c4-train.00000-of-01024", "sampler": "calibration windows",
-                 "seed": DATA_SEED_OFFSET + cfg.seed},
-        "steps": cfg.steps, "windows_seen": cfg.steps * cfg.batch_size,
-        "tokens_seen": cfg.steps * cfg.batch_size * run.seqlen,
-        "loss": loss_summary(progress.losses),
-        "evaluation": {"file": eval_file or "hub: wikitext-2-raw-v1 test", "before": before, "after": after},
-        "zeros": {"before": run.zeros_before, "after": count_zeros(merged, run.targets), "pattern_identical": True},
-        "resumed_from": progress.resumed_from, "device": str(dev), "threads": torch.get_num_threads(),
-        "train_seconds": progress.train_seconds, "eval_seconds": eval_seconds, "total_seconds": None,
-        "versions": {**library_versions(), "peft": _peft_version()},
-    }
-    record = run.record
-    out_record = dict(record) if record else {"model": str(pruned)}
-    out_record["finetune"] = section
-    if record.get("evaluation"):
-        out_record["evaluation_before_finetune"] = record["evaluation"]
-    out_record["evaluation"] = {"wikitext2": after}
-    section["total_seconds"] = time.perf_counter() - t0
-    merged = merged.to(run.storage)
-    merged.config.use_cache = True
-    saved = save_pruned(merged, run.tokenizer, target, out_record, overwrite=overwrite)
-    work.remove()
-    log.info("wikitext2 ppl %.3f -> %.3f (%d windows of %d), saved to %s", before["ppl"], after["ppl"],
-             after["windows"], run.eval_seqlen, saved)
-    return FinetuneResult(saved, before["ppl"], after["ppl"], out_record)
+        section = {
+            "source": str(pruned), "config": {**cfg.to_dict(), "seqlen": run.seqlen, "scaling": cfg.scaling},
+            "authors_defaults": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lr": 1e-4, "seqlen": 1024,
+                                 "batch_size": 128, "steps": AUTHORS_STEPS, "warmup_steps": 5,
+                                 "target_modules": ["q_proj", "v_proj"]},
+            "targets": len(run.targets), "trainable_parameters": n_trainable,
+            "data": {"file": data or "hub: allenai/c4 en/c4-train.00000-of-01024", "sampler": "calibration windows",
+                     "seed": DATA_SEED_OFFSET + cfg.seed},
+            "steps": cfg.steps, "windows_seen": cfg.steps * cfg.batch_size,
+            "tokens_seen": cfg.steps * cfg.batch_size * run.seqlen,
+            "loss": loss_summary(progress.losses),
+            "evaluation": {"file": eval_file or "hub: wikitext-2-raw-v1 test", "before": before, "after": after},
+            "zeros": {"before": run.zeros_before, "after": count_zeros(merged, run.targets), "pattern_identical": True},
+            "resumed_from": progress.resumed_from, "device": str(dev), "threads": torch.get_num_threads(),
+            "train_seconds": progress.train_seconds, "eval_seconds": eval_seconds, "total_seconds": None,
+            "versions": {**library_versions(), "peft": _peft_version()},
+        }
+        record = run.record
+        out_record = dict(record) if record else {"model": str(pruned)}
+        out_record["finetune"] = section
+        if record.get("evaluation"):
+            out_record["evaluation_before_finetune"] = record["evaluation"]
+        out_record["evaluation"] = {"wikitext2": after}
+        section["total_seconds"] = time.perf_counter() - t0
+        merged = merged.to(run.storage)
+        merged.config.use_cache = True
+        saved = save_pruned(merged, run.tokenizer, target, out_record, overwrite=overwrite)
+        work.remove()
+        log.info("wikitext2 ppl %.3f -> %.3f (%d windows of %d), saved to %s", before["ppl"], after["ppl"],
+                 after["windows"], run.eval_seqlen, saved)
+        return FinetuneResult(saved, before["ppl"], after["ppl"], out_record)
+    except BaseException:
+        work.release()  # as a killed run's lock is: the same command may take the folder over
+        raise
 
 
 @dataclass

@@ -86,13 +86,18 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class WorkFolder:
-    """``.OUT.work/`` beside the output folder ``out``."""
+    """``.OUT.work/`` beside the output folder ``out``: the marker that makes
+    it ours, the lock of the run writing it, the identity a resumed run must
+    match, atomic writes. A prune keeps its finished blocks here
+    (:meth:`begin`, :meth:`commit`); ``d2prune finetune`` keeps its
+    checkpoints in one of its own (``suffix``, :class:`d2prune.finetune.FinetuneWork`)."""
 
-    def __init__(self, out: str | os.PathLike, identity: dict, restart: bool = False, writer: bool = True):
+    def __init__(self, out: str | os.PathLike, identity: dict, restart: bool = False, writer: bool = True,
+                 suffix: str = ".work"):
         out = Path(out).expanduser().absolute()
         self.restart = restart
         self.writer = writer  # False: another process of a torchrun job, which reads rank 0's folder
-        self.path = out.parent / f".{out.name}.work"
+        self.path = out.parent / f".{out.name}{suffix}"
         self.identity = json.loads(json.dumps(identity, default=str))  # what state.json will compare against
         self.state: dict = {}
         self.temp_root: Path | None = None  # a private temporary folder this work folder lives in (removed with it)
@@ -148,11 +153,7 @@ class WorkFolder:
                     f"{_processes(self.identity.get('world_size'))}: resume it with its own command {how}, or pass "
                     "--restart to discard it"
                 )
-            if diff:
-                raise D2PruneError(
-                    f"{self.path} holds an interrupted run with another {', '.join(diff)}: rerun its own command to "
-                    "resume it, or pass --restart to discard it"
-                )
+            self.check_identity(state["identity"], "run")
             self.state = state
             start = int(state["next_block"])
             if 0 < start < n_blocks:
@@ -162,6 +163,19 @@ class WorkFolder:
             self.ensure()
         self.state = {"identity": self.identity, "next_block": 0, "n_blocks": n_blocks, "rows": [], "method": {}}
         return 0
+
+    def check_identity(self, theirs: dict, what: str) -> None:
+        """Refuse, in one line, to resume an interrupted ``what`` whose identity differs from this run's."""
+        diff = [k for k in sorted(set(self.identity) | set(theirs)) if self.identity.get(k) != theirs.get(k)]
+        if diff:
+            raise D2PruneError(f"{self.path} holds an interrupted {what} with another {', '.join(diff)}: rerun its own "
+                               "command to resume it, or pass --restart to discard it")
+
+    def write_atomic(self, name: str, write) -> Path:
+        """``write(path)`` into the folder under ``name``, atomically (temporary file, fsync, rename)."""
+        path = self.path / name
+        _atomic_write(path, write)
+        return path
 
     @contextmanager
     def reading(self) -> Iterator[None]:
