@@ -172,3 +172,27 @@ def test_finetune_adapts_the_pruned_layers_only():
     record = {"layers": [{"name": n, "how": "ignored" if "down_proj" in n else "wanda"} for n in names]}
     assert target_linears(model, record) == [n for n in names if "down_proj" not in n]
     assert target_linears(model, {}) == names
+
+
+def test_a_mixture_of_experts_router_is_never_pruned_nor_a_target():
+    """Qwen2-MoE's shared_expert_gate (a Linear beside the experts) keeps every weight; the shared expert is pruned
+    like a dense MLP; a --targets pattern that only names the gate matches nothing prunable (one line)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    gates = {i: b.mlp.shared_expert_gate.weight.detach().clone() for i, b in enumerate(find_blocks(model).layers)}
+    assert all("shared_expert_gate" not in n for b in find_blocks(model).layers for n in find_prunable(b))
+    report = prune(model, PruneConfig(method="wanda", sparsity=0.5, device="cpu"), torch.randint(0, 128, (2, 16)))
+    for i, b in enumerate(find_blocks(model).layers):
+        assert torch.equal(b.mlp.shared_expert_gate.weight, gates[i])
+        w = b.mlp.shared_expert.down_proj.weight
+        assert int((w == 0).sum()) == w.numel() // 2
+    assert not any("shared_expert_gate" in r.name for r in report.layers)
+    with pytest.raises(D2PruneError, match="shared_expert_gate"):
+        prune(AutoModelForCausalLM.from_config(cfg), PruneConfig(method="wanda", sparsity=0.5, device="cpu",
+                                                                 targets=["shared_expert_gate"]),
+              torch.randint(0, 128, (2, 16)))

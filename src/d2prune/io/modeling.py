@@ -400,8 +400,20 @@ def find_blocks(model: nn.Module) -> Blocks:
 
 
 def find_prunable(block: nn.Module) -> dict[str, nn.Module]:
-    """The Linear (and GPT-2 ``Conv1D``) layers of a block, by dotted name."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    """The Linear (and GPT-2 ``Conv1D``) layers of a block, by dotted name;
+    never a mixture-of-experts router (:func:`is_router`)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, PRUNABLE_TYPES) and not is_router(block, name)}
+
+
+def is_router(block: nn.Module, name: str) -> bool:
+    """A Linear that sits beside a mixture-of-experts layer's ``experts``
+    (an older router such as Mixtral 4.x's ``gate``, Qwen2-MoE's
+    ``shared_expert_gate``): it decides where tokens go and holds a sliver of
+    the weights, and a pruned router sends tokens elsewhere, so it is never
+    pruned. Found from the module tree, not from names of architectures."""
+    parent_name = name.rpartition(".")[0]
+    parent = block.get_submodule(parent_name) if parent_name else block
+    return isinstance(getattr(parent, "experts", None), nn.Module)
 
 
 def to_matrix(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
