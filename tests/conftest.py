@@ -109,3 +109,22 @@ def forward_calls(model, modules: dict, ids) -> dict:
         for h in hooks:
             h.remove()
     return calls
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_after_block`: a run that dies half way."""
+
+
+def crash_after_block(monkeypatch, block: int, error: type[BaseException] = Crash) -> None:
+    """Every following prune raises ``error`` right after block ``block``
+    (0-based) is committed to its work folder (``monkeypatch.undo()`` ends it)."""
+    import d2prune.io.resume as resume
+
+    real = resume.WorkFolder.commit
+
+    def commit(self, next_block, *a, **k):
+        real(self, next_block, *a, **k)
+        if next_block == block + 1:
+            raise error()
+
+    monkeypatch.setattr(resume.WorkFolder, "commit", commit)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import C4, ROOT, STORIES, needs_shared
+from conftest import C4, ROOT, STORIES, Crash, crash_after_block, needs_shared
 
 pytestmark = [needs_shared, pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")]
 
@@ -137,31 +137,19 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_another_world_size_is_refused_and_restart_starts_over(tmp_path, monkeypatch):
     """A one-process run killed after block 2, rerun under torchrun with 2
     processes: refused in one line naming the number of processes (its
     statistics were merged over another split); with --restart every rank
     starts over (rank 1 must not read the folder rank 0 discards) and gives
     the one-process model (magnitude: no statistic, bit-identical)."""
-    import d2prune.io.resume as resume
     from d2prune.cli import main
 
     method = ["--method", "magnitude"]
     out, work = tmp_path / "out", tmp_path / ".out.work"
     assert main(["-q", "prune", *ARGS, *method, "--out", str(tmp_path / "one")]) == 0
-    real_commit = resume.WorkFolder.commit
-
-    def crash_after_block_2(self, next_block, *a, **k):
-        real_commit(self, next_block, *a, **k)
-        if next_block == 3:
-            raise _Crash()
-
-    monkeypatch.setattr(resume.WorkFolder, "commit", crash_after_block_2)
-    with pytest.raises(_Crash):
+    crash_after_block(monkeypatch, 2)
+    with pytest.raises(Crash):
         main(["-q", "prune", *ARGS, *method, "--out", str(out)])
     monkeypatch.undo()
     assert json.loads((work / "state.json").read_text())["identity"]["world_size"] == 1

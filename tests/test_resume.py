@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import C4, ROOT, STORIES, WIKI, needs_shared
+from conftest import C4, ROOT, STORIES, WIKI, Crash, crash_after_block, needs_shared
 from d2prune.cli import main
 
 pytestmark = needs_shared
@@ -65,24 +65,6 @@ def _same(a: dict, b: dict) -> None:
 
 def _sans_seconds(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if "seconds" not in k and k != "cost_vs_one_prune"}
-
-
-class _Crash(Exception):
-    pass
-
-
-def _crash_after_block(monkeypatch, block: int) -> None:
-    """The next run raises right after block ``block`` (0-based) is committed."""
-    import d2prune.io.resume as resume
-
-    real = resume.WorkFolder.commit
-
-    def commit(self, next_block, *a, **k):
-        real(self, next_block, *a, **k)
-        if next_block == block + 1:
-            raise _Crash()
-
-    monkeypatch.setattr(resume.WorkFolder, "commit", commit)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +114,8 @@ def test_fast_resume_batches_like_the_uninterrupted_run(tmp_path, monkeypatch):
     uninterrupted, batches[:] = list(batches), []
     assert uninterrupted == [2] * 5  # one forward of both samples per block: the propagation is batched
 
-    _crash_after_block(monkeypatch, 2)
-    with pytest.raises(_Crash):
+    crash_after_block(monkeypatch, 2)
+    with pytest.raises(Crash):
         _prune(tmp_path / "out", *PLAIN, "--fast")
     monkeypatch.undo()
     monkeypatch.setattr(engine, "run_block", lambda block, hidden, *a, **k: batches.append(hidden.shape[0])
@@ -153,8 +135,8 @@ def crashed(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     try:
         for name, args in (("plain", PLAIN), ("auto", AUTO)):
-            _crash_after_block(mp, 2)
-            with pytest.raises(_Crash):
+            crash_after_block(mp, 2)
+            with pytest.raises(Crash):
                 _prune(root / name / "out", *args)
             mp.undo()
     finally:
@@ -168,13 +150,13 @@ def chosen(tmp_path_factory):
     import d2prune.pipeline as pipeline
 
     def crash(*a, **k):
-        raise _Crash()
+        raise Crash()
 
     root = tmp_path_factory.mktemp("chosen")
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(pipeline, "evaluate_ppl", crash)
-        with pytest.raises(_Crash):
+        with pytest.raises(Crash):
             _prune(root / "chosen" / "out", *AUTO)
     finally:
         mp.undo()

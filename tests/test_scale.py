@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from d2prune.cli import main
 from d2prune.errors import D2PruneError
 
-from conftest import C4, ROOT, STORIES, WIKI, needs_shared
+from conftest import C4, ROOT, STORIES, WIKI, Crash, crash_after_block, needs_shared
 
 pytestmark = needs_shared
 
@@ -154,29 +154,16 @@ def test_checkpoint_dtype_is_kept_and_paths_agree(tmp_path, stories_bf16):
     assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("frozen", ["outlier", "auto", "per-layer"])
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, caplog, frozen):
-    import d2prune.io.resume as resume
-
     args = ["--method", "d2prune", "--frozen", frozen, "--heldout-windows", "2", "--stream", "off"]
     whole = _prune(STORIES, tmp_path / "whole", *args)
-    real_commit = resume.WorkFolder.commit
-
-    def crash_after_block_2(self, next_block, *a, **k):
-        real_commit(self, next_block, *a, **k)
-        if next_block == 3:
-            raise _Crash()
-
-    monkeypatch.setattr(resume.WorkFolder, "commit", crash_after_block_2)
-    with pytest.raises(_Crash):
+    crash_after_block(monkeypatch, 2)
+    with pytest.raises(Crash):
         _prune(STORIES, tmp_path / "out", *args)
     work = tmp_path / ".out.work"
     assert json.loads((work / "state.json").read_text())["next_block"] == 3 and not (tmp_path / "out").exists()
-    monkeypatch.setattr(resume.WorkFolder, "commit", real_commit)
+    monkeypatch.undo()
 
     # another configuration must not pick up these blocks
     rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,

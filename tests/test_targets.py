@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from conftest import C4, STORIES, needs_shared, tiny_model
+from conftest import C4, STORIES, crash_after_block, needs_shared, tiny_model
 from d2prune import D2PruneError, PruneConfig, find_blocks, find_prunable, prune
 from d2prune.cli import main
 from d2prune.methods.d2prune.config import D2PruneConfig
@@ -114,7 +114,6 @@ def test_cli_record_streaming_and_resume(tmp_path, monkeypatch):
     """The CLI records the selection (config and one ``ignored`` row per layer
     kept dense); streamed equals in memory; the selection is part of the
     resume identity, and a crashed run resumes to the uninterrupted weights."""
-    import d2prune.io.resume as resume
     from safetensors.torch import load_file
 
     def weights(folder):
@@ -143,16 +142,9 @@ def test_cli_record_streaming_and_resume(tmp_path, monkeypatch):
     st = weights(tmp_path / "st")
     assert st.keys() == mem.keys() and all(torch.equal(st[k], mem[k]) for k in mem)
 
-    real_commit = resume.WorkFolder.commit
-
-    def crash_after_block_2(self, next_block, *a, **k):
-        real_commit(self, next_block, *a, **k)
-        if next_block == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(resume.WorkFolder, "commit", crash_after_block_2)
+    crash_after_block(monkeypatch, 2, KeyboardInterrupt)
     assert run("out", "--stream", "off") == 130
-    monkeypatch.setattr(resume.WorkFolder, "commit", real_commit)
+    monkeypatch.undo()
     # another selection must not pick up the finished blocks
     assert main(["-q", "prune", "--model", str(STORIES), *args, "--ignore", "q_proj", "--out", str(tmp_path / "out"),
                  "--stream", "off"]) == 2
