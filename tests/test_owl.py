@@ -175,7 +175,8 @@ def test_owl_allocation_pass_builds_no_hessian(monkeypatch, method):
     (d_in^2 per input, for the per-layer error or the method) is accumulated
     in it; the prune after it still builds its own."""
     from conftest import tiny_model
-    from d2prune import allocation, stats
+    from d2prune.engine import allocation
+    from d2prune.ops import stats
 
     built = {"allocation": 0, "prune": 0}
     where = ["prune"]
