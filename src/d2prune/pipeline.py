@@ -268,22 +268,23 @@ def _plan_memory(opened, config: PruneConfig, data: DataConfig, cal: Calibration
                  options: RunOptions, output: OutputConfig):
     """The memory estimate (docs/scale.md §2), the activations offloaded when
     the device would run out otherwise, and a run that cannot fit refused now."""
-    hessian = config.method.uses_hessian or config.layer_error  # the per-layer error reads a Hessian (every method)
+    # an OBS-style method holds a Hessian and its inverse factor; the per-layer error alone reads a Hessian
+    hessians = 2 if config.method.uses_hessian else 1 if config.layer_error else 0
     out = output.out
     writes = Writes(out=out is not None, block_copies=config.method.block_copies,
                     compressed=config.sparsity if output.save_format == "compressed" else None,
                     side_bytes=side_files_bytes(opened.files) if out is not None else 0,
                     eval_samples=sum(min(len(w), data.eval_windows or len(w)) for w in cal.windows.values()))
-    args = (opened, cal.samples, cal.seqlen, device, hessian, config.method.activation_buffers)
+    args = (opened, cal.samples, cal.seqlen, device, hessians, config.method.activation_buffers)
     whole = config.method.whole_model_bytes_per_weight
     offload = options.offload
-    budget = estimate(*args, offload, False, whole, writes)
+    budget = estimate(*args, offload, whole, writes)
     if offload is None:
         offload = auto_offload(budget, device, available_ram())
         if offload is not None:
             log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
                      budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
-            budget = estimate(*args, offload, False, whole, writes)
+            budget = estimate(*args, offload, whole, writes)
     # an interrupted run's work folder is already on disk (and resumed, or removed by --restart)
     held = bytes_under(WorkFolder(out, {}).path) if out is not None else 0
     check_fits(budget, device, out, available_ram(), opened.streamed, held)

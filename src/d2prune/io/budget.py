@@ -130,11 +130,13 @@ def scratch_disk(opened, writes: Writes, offload: str | None, activations: int, 
     return total
 
 
-def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: bool, activation_buffers: int = 1,
-             offload: str | None = None, deltas: bool = False, whole_model_per_weight: int = 0,
-             writes: Writes | None = None) -> Budget:
+def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: int, activation_buffers: int = 1,
+             offload: str | None = None, whole_model_per_weight: int = 0, writes: Writes | None = None) -> Budget:
     """Peak needs of pruning ``opened`` (a :class:`d2prune.io.streaming.OpenedModel`)
-    that writes ``writes`` (default: nothing but what the run itself needs)."""
+    that writes ``writes`` (default: nothing but what the run itself needs).
+    ``hessians``: the fp32 ``d_in x d_in`` matrices held for the widest input
+    (2 for an OBS-style method: the Hessian and its inverse factor; 1 when only
+    the per-layer error reads one; 0 without either)."""
     model, blocks = opened.model, opened.source.blocks
     compute = opened.source.compute_dtype or opened.storage_dtype
     c_bytes = torch.empty((), dtype=compute).element_size()
@@ -146,9 +148,8 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessian: b
     widest = max((in_features(m) for m in layers.values()), default=0)
     largest = max((weight_matrix(m).numel() if m.weight.device.type != "meta" else m.weight.numel()
                    for m in layers.values()), default=0)
-    # a Hessian and its inverse factor per widest input; without one, the per-layer error keeps W - W' (fp32)
-    stats = (2 * widest * widest * 4 if hessian else 0) + 3 * largest * 4 + (_nbytes(block_params, torch.float32)
-                                                                           if deltas else 0)
+    # the Hessian(s) of the widest input, and a few fp32 working copies of the largest weight matrix
+    stats = hessians * widest * widest * 4 + 3 * largest * 4
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
     acts = activation_buffers * samples * seqlen * hidden * c_bytes
     in_blocks = {id(p) for b in blocks.layers for p in b.parameters()}
