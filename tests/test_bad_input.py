@@ -229,6 +229,15 @@ def test_eval_windows_zero_is_refused_by_every_command(capsys, command):
     assert parser.parse_args([*command, "--eval-windows", "3"]).eval_windows == 3
 
 
+@pytest.mark.parametrize("flag", ["--nsamples", "--seqlen", "--eval-windows"])
+def test_demo_refuses_a_zero_count(capsys, flag):
+    """``demo --eval-windows 0`` silently ran its default 16 windows: every count of the demo is >= 1."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", flag, "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"argument {flag}: '0' is not a positive integer" in err[0], err
+
+
 def test_diagnose_help_names_its_real_default_eval_file(capsys):
     with pytest.raises(SystemExit):
         main(["diagnose", "--help"])
