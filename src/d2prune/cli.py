@@ -186,6 +186,13 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
                         "codes (recorded in d2prune.json)")
     s.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
+    moe = p.add_argument_group("mixture of experts (docs/moe.md)")
+    moe.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
+                     help="each expert's statistics from the calibration tokens its router sends to it (routed), or "
+                          "from every token (all; the block's output stays the routed one)")
+    moe.add_argument("--moe-min-tokens", type=int, default=64,
+                     help="routed: an expert sent fewer calibration tokens than this gets all-token statistics "
+                          "(recorded per expert in d2prune.json; 0: never)")
 
 
 def add_eval_arguments(e: argparse.ArgumentParser) -> None:
@@ -314,7 +321,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise D2PruneError(f"{e}: that flag is not used by --method {args.method}") from None
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
                          fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                         targets=args.targets, ignore=args.ignore)
+                         targets=args.targets, ignore=args.ignore, moe_calibration=args.moe_calibration,
+                         moe_min_tokens=args.moe_min_tokens)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval,

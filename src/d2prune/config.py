@@ -185,6 +185,9 @@ def _coerce(text: str) -> Any:
 ALLOCATIONS = ("uniform", "owl")
 
 
+MOE_CALIBRATIONS = ("routed", "all")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to do to the model (serialised into d2prune.json); the calibration
@@ -213,6 +216,11 @@ class PruneConfig:
     # A layer is pruned when it matches some target (no targets: every layer) and no ignore pattern.
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    # Mixture-of-experts (docs/moe.md): each expert's statistics from the calibration tokens its router
+    # sends to it (routed), or from every token (all); in routed mode an expert sent fewer than
+    # moe_min_tokens tokens gets all-token statistics (recorded per expert)
+    moe_calibration: str = "routed"
+    moe_min_tokens: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _patterns(self.targets, "--targets"))
@@ -224,6 +232,10 @@ class PruneConfig:
             raise D2PruneError(f"method must be a method name or a MethodConfig, not {type(method).__name__}")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
+        if self.moe_calibration not in MOE_CALIBRATIONS:
+            raise D2PruneError(f"unknown --moe-calibration {self.moe_calibration!r}: use one of {', '.join(MOE_CALIBRATIONS)}")
+        if not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0:
+            raise D2PruneError(f"--moe-min-tokens {self.moe_min_tokens!r} must be an integer >= 0 (0: never fall back)")
         if self.allocation not in ALLOCATIONS:
             raise D2PruneError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "owl":

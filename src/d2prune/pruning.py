@@ -12,6 +12,7 @@ it instead of the plain loop; both return a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from .io.source import BlockSource
 from .errors import D2PruneError
 from .engine.method import Method, build_method
 from .io.modeling import compute_dtype_for, find_blocks, find_prunable, in_features, is_image_model, pick_device
+from .io.experts import unfused
+from .io.inventory import UNPRUNED_REASONS, check_blocks, summarize
 from .io.resume import WorkFolder
 
 log = logging.getLogger(__name__)
@@ -43,17 +46,19 @@ class PruneReport:
     calib_forward_seconds: float = 0.0
     method: dict = field(default_factory=dict)
     resumed_from: int = 0  # first block pruned by this call (> 0: an interrupted run was resumed)
+    unpruned: list[dict] = field(default_factory=list)  # block tensors left as they are, with their reasons
 
     @property
     def sparsity(self) -> float:
         """Achieved sparsity over the weights of the pruned Linears (the
         layers kept dense by ``targets`` / ``ignore`` not counted)."""
-        return _weighted_sparsity([r for r in self.layers if r.how != IGNORED])
+        return _weighted_sparsity([r for r in self.layers if r.how not in UNPRUNED_REASONS])
 
     @property
     def overall_sparsity(self) -> float:
-        """Achieved sparsity over every Linear of the decoder blocks, those kept
-        dense included (equal to :attr:`sparsity` when none is)."""
+        """Achieved sparsity over every weight of two or more dimensions in the
+        decoder blocks (per-expert matrices, routers and layers kept dense
+        included): the share of the blocks' weights that is zero."""
         return _weighted_sparsity(self.layers)
 
     def to_dict(self) -> dict:
@@ -64,13 +69,14 @@ class PruneReport:
             "overall_sparsity": self.overall_sparsity,
             "seconds": self.seconds,
             "calib_forward_seconds": self.calib_forward_seconds,
+            "unpruned": self.unpruned,
             "layers": [to_dict(r) for r in self.layers],
         }
 
 
 def _weighted_sparsity(rows: list[LayerReport]) -> float:
-    total = sum(r.shape[0] * r.shape[1] for r in rows)
-    return sum(r.sparsity * r.shape[0] * r.shape[1] for r in rows) / max(total, 1)
+    total = sum(math.prod(r.shape) for r in rows)
+    return sum(r.sparsity * math.prod(r.shape) for r in rows) / max(total, 1)
 
 
 def validate_pattern(model: nn.Module, sparsity: Sparsity, blocksize: int | None = None, prunes=None) -> None:
@@ -157,6 +163,14 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
     """
     if not isinstance(config, PruneConfig):
         raise D2PruneError(f"config must be a PruneConfig, not {type(config).__name__}")
+    # fused MoE experts seen as per-expert Linears for the whole run (their weights are views of the
+    # 3-D parameters, so nothing needs copying back)
+    with unfused(model):
+        return _prune(model, config, calibration, heldout, source, work, heldout_labels)
+
+
+def _prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: Tensor | None,
+           source: BlockSource | None, work: WorkFolder | None, heldout_labels: Tensor | None) -> PruneReport:
     image = is_image_model(model)
     if not (isinstance(calibration, Tensor) and calibration.dim() == (4 if image else 2) and calibration.shape[0] > 0):
         raise D2PruneError("calibration must be a [nsamples, channels, height, width] tensor of pixel values" if image
@@ -171,6 +185,10 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
         source = BlockSource(blocks, compute_dtype_for(device, next(model.parameters()).dtype))
     # --targets / --ignore checked against every block Linear's full name (a pattern matching none is an error)
     config.select([f"{blocks.prefix}.{i}.{n}" for i, b in enumerate(blocks.layers) for n in find_prunable(b)])
+    # every block tensor is pruned or left for a documented reason; weights of a kind d2prune does not
+    # know (a new experts layout) refuse the run here, before any weight is read
+    unpruned = check_blocks(blocks, type(model).__name__, lambda i: {
+        n for n in find_prunable(blocks[i]) if not config.prunes(f"{blocks.prefix}.{i}.{n}")})
     validate_pattern(model, sparsity, config.method.column_block, config.prunes)
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
     if config.method.whole_model_bytes_per_weight and any(p.is_meta for p in blocks[0].parameters()):
@@ -197,4 +215,4 @@ def prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: T
         outcome.summary["allocation"] = allocation.to_dict()
     return PruneReport(config=to_dict(config), layers=outcome.layers, seconds=time.perf_counter() - t_start,
                        calib_forward_seconds=outcome.calib_seconds, method=outcome.summary,
-                       resumed_from=outcome.resumed_from)
+                       resumed_from=outcome.resumed_from, unpruned=summarize(unpruned, blocks.prefix))

@@ -32,6 +32,8 @@ from .sequential import BlockInputs, check_finite, forward_hooks, run_block, sam
 from ..io.source import BlockSource
 from ..ops.masks import ROW_CHUNK_ELEMENTS
 from .method import LayerPruner, Method
+from ..io.experts import ExpertLinear, StopForward, CountingPass, routed_modules
+from ..io.inventory import unpruned
 from ..io.modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from ..io.resume import WorkFolder
 from ..io.streaming import block_tensors
@@ -48,6 +50,8 @@ class LayerReport:
     error: float | None
     seconds: float
     how: str = ""
+    tokens: int | None = None  # a MoE expert's projection: calibration tokens its router sent to it
+    statistics: str | None = None  # ... and where its statistics came from (routed, or all tokens and why)
 
 
 FAST_BATCH = 8  # --fast: samples per block forward
@@ -64,6 +68,8 @@ class CalibrationOptions:
     extra_stats: tuple[StatKey, ...] = ()
     share_inputs: bool = True
     batch: int = 1  # samples per block forward (--fast); 1 = the references' order of float operations
+    moe_calibration: str = "routed"  # experts' statistics: from their routed tokens, or from every token
+    moe_min_tokens: int = 64  # routed: an expert with fewer calibration tokens gets all-token statistics
 
     @property
     def fast(self) -> bool:
@@ -76,7 +82,8 @@ class CalibrationOptions:
         own Hessian where it builds one, else one accumulated for the error
         (``--no-layer-error`` skips it). One definition for every method, so
         the ``error`` column compares methods (docs/method.md §1)."""
-        return cls(("hessian",) if config.layer_error else (), config.share_inputs, FAST_BATCH if config.fast else 1)
+        return cls(("hessian",) if config.layer_error else (), config.share_inputs, FAST_BATCH if config.fast else 1,
+                   config.moe_calibration, config.moe_min_tokens)
 
     def without_error(self) -> "CalibrationOptions":
         """The same options without the per-layer error's Hessian (for a pass that prunes nothing)."""
@@ -118,6 +125,8 @@ class BlockLayers:
     layers: dict[str, nn.Module]
     qualified: dict[str, str]
     ignored: dict[str, nn.Module] = field(default_factory=dict)
+    block: nn.Module | None = None
+    prefix: str = ""  # the block's full name (model.layers.3)
 
     @classmethod
     def find(cls, block: nn.Module, index: int, prefix: str, prunes=None) -> "BlockLayers":
@@ -126,13 +135,27 @@ class BlockLayers:
         qualified = {n: f"{prefix}.{index}.{n}" for n in found}
         keep = {n: prunes is None or prunes(qualified[n]) for n in found}
         return cls(index, {n: m for n, m in found.items() if keep[n]}, qualified,
-                   {n: m for n, m in found.items() if not keep[n]})
+                   {n: m for n, m in found.items() if not keep[n]}, block, f"{prefix}.{index}")
+
+    def unpruned_rows(self) -> list["LayerReport"]:
+        """One row per other weight of two or more dimensions the block keeps
+        as it is (a router, per-expert biases...: io/inventory.py), its
+        sparsity as it is and its reason as ``how``, so that the run's overall
+        sparsity counts every 2+-D weight of the blocks."""
+        if self.block is None:
+            return []
+        params = dict(self.block.named_parameters())
+        return [LayerReport(f"{self.prefix}.{u.name}", u.shape, float((params[u.name] == 0).sum()) / u.numel,
+                            None, 0.0, u.reason)
+                for u in unpruned(self.block, set(self.ignored)) if u.matrix and u.reason != IGNORED]
 
     def with_ignored(self, rows: list["LayerReport"]) -> list["LayerReport"]:
         """``rows`` of the pruned layers and one row per ignored layer (its
-        sparsity as it is, no error, how ``ignored``), in module order."""
+        sparsity as it is, no error, how ``ignored``), in module order, then
+        one per other 2+-D weight left as it is (:meth:`unpruned_rows`)."""
+        extra = self.unpruned_rows()
         if not self.ignored:
-            return rows
+            return rows + extra
         by_name = {r.name: r for r in rows}
         out = []
         for n, q in self.qualified.items():
@@ -141,7 +164,7 @@ class BlockLayers:
                 out.append(LayerReport(q, tuple(W.shape), float((W == 0).sum()) / W.numel(), None, 0.0, IGNORED))
             elif q in by_name:
                 out.append(by_name[q])
-        return out
+        return out + extra
 
     def pruners(self, method: Method, block: nn.Module) -> dict[str, LayerPruner]:
         """The method's wrapper for every layer (the method sees the dense block first)."""
@@ -228,6 +251,53 @@ class BlockObserver:
             log.debug("shared input statistics: %s", [v for v in groups.values() if len(v) > 1])
 
 
+def _sum_counts(st, device: torch.device) -> None:
+    """An expert's token counts summed over the processes of a torchrun job
+    (on the device the backend communicates from)."""
+    if distributed.active():
+        c = st.counts.to(device)
+        distributed.sum_([c])
+        st.counts.copy_(c.cpu())
+
+
+def _choose_expert_statistics(block: nn.Module, experts: list, index: int, inputs: BlockInputs, hidden: Tensor,
+                              n: int, options: CalibrationOptions) -> None:
+    """Which experts of the block compute on every token in the calibration
+    pass (docs/moe.md §2): all of them with ``--moe-calibration all``; else
+    those the router sends fewer than ``moe_min_tokens`` calibration tokens,
+    counted by a routing-only pass that stops the block at its last experts
+    module (attention and routers run, no expert does)."""
+    for st in experts:
+        st.counts.zero_()
+        st.reason = {}
+    if options.moe_calibration == "all":
+        for st in experts:
+            st.all_tokens = set(range(st.layout.num_experts))
+            st.reason = {e: "all tokens" for e in st.all_tokens}
+        return
+    if options.moe_min_tokens <= 0:
+        return
+    counting = CountingPass(len(experts))
+    for st in experts:
+        st.counting = counting
+    try:
+        for j0, j1 in sample_batches(inputs, index, n, options.batch):
+            counting.seen = 0
+            try:
+                run_block(block, hidden[j0:j1], inputs.calls[index][j0], inputs)
+            except StopForward:
+                pass
+    finally:
+        for st in experts:
+            st.counting = None
+    for st in experts:
+        _sum_counts(st, hidden.device)  # every process's samples count
+        low = (st.counts < options.moe_min_tokens).nonzero().flatten().tolist()
+        st.all_tokens = set(low)
+        st.reason = {e: f"all tokens (routed {int(st.counts[e])} < {options.moe_min_tokens})" for e in low}
+        st.counts.zero_()
+
+
 @torch.no_grad()
 def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watchers: dict[str, list[LayerPruner]],
               options: CalibrationOptions, hidden: Tensor | None = None, nsamples: int | None = None) -> BlockObserver:
@@ -235,13 +305,19 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
     ``inputs.hidden``, every sample); ``watchers``: the wrappers of each layer
     whose statistics to collect (several per layer in a search)."""
     hidden = inputs.hidden if hidden is None else hidden
+    n = hidden.shape[0] if nsamples is None else nsamples
+    experts = [m._d2prune_experts for m in routed_modules(block)]
+    if experts:
+        _choose_expert_statistics(block, experts, layers.index, inputs, hidden, n, options)
     param = next(block.parameters(), None)  # statistics live with the block (activations may be offloaded)
     obs = BlockObserver(layers.layers, watchers, param.device if param is not None else hidden.device, options)
     with forward_hooks(obs.hooks()):
-        n = hidden.shape[0] if nsamples is None else nsamples
         for j0, j1 in sample_batches(inputs, layers.index, n, options.batch):
             run_block(block, hidden[j0:j1], inputs.calls[layers.index][j0], inputs)
             obs.end_sample()
+    for st in experts:  # what each expert's statistics came from, for the report; propagation is routed only
+        _sum_counts(st, hidden.device)
+        st.calib_counts, st.all_tokens = st.counts.clone(), set()
     if distributed.active():  # every process's samples count: statistics combined before any mask is chosen
         for st in {id(st): st for st in obs.stats.values()}.values():
             for acc in st.acc.values():
@@ -274,9 +350,11 @@ def prune_layers(layers: BlockLayers, pruners: dict[str, LayerPruner], stats: di
         del W_new
         W = weight_matrix(layer)
         achieved = float((W == 0).sum()) / W.numel()
-        row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label)
+        row = LayerReport(name, tuple(W.shape), achieved, err, time.perf_counter() - t1, pruners[n].label,
+                          *((layer.tokens, layer.statistics) if isinstance(layer, ExpertLinear) else ()))
         rows.append(row)
-        log.info("%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
+        log.log(logging.DEBUG if isinstance(layer, ExpertLinear) else logging.INFO,  # experts: thousands of rows
+                "%s%-40s %-13s sparsity %.4f  error %s  %.2fs", tag, row.name, row.how, row.sparsity,
                  f"{row.error:.3e}" if row.error is not None else "-", row.seconds)
     return layers.with_ignored(rows)
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import D2PruneError, first_line
+from .experts import STORAGE_DTYPE, ExpertLinear
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ try:  # GPT-2 style models store Linear weights transposed in this class.
 except ImportError:  # pragma: no cover - transformers always has it
     Conv1D = ()  # type: ignore[assignment]
 
-PRUNABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+# an ExpertLinear is one expert's projection inside a fused transformers experts module (io/experts.py)
+PRUNABLE_TYPES: tuple[type, ...] = (nn.Linear, ExpertLinear) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 
 
 # --------------------------------------------------------------------------- loading
@@ -406,14 +408,16 @@ def find_prunable(block: nn.Module) -> dict[str, nn.Module]:
 
 
 def is_router(block: nn.Module, name: str) -> bool:
-    """A Linear that sits beside a mixture-of-experts layer's ``experts``
-    (an older router such as Mixtral 4.x's ``gate``, Qwen2-MoE's
-    ``shared_expert_gate``): it decides where tokens go and holds a sliver of
-    the weights, and a pruned router sends tokens elsewhere, so it is never
-    pruned. Found from the module tree, not from names of architectures."""
-    parent_name = name.rpartition(".")[0]
+    """A module (a Linear, or transformers 5's router modules) that sits
+    beside a mixture-of-experts layer's ``experts`` (Mixtral's ``gate``,
+    GPT-OSS's ``router``, Qwen2-MoE's ``shared_expert_gate``): it decides
+    where tokens go and holds a sliver of the weights, and a pruned router
+    sends tokens elsewhere, so it is never pruned. Found from the module tree,
+    not from names of architectures."""
+    parent_name, _, leaf = name.rpartition(".")
     parent = block.get_submodule(parent_name) if parent_name else block
-    return isinstance(getattr(parent, "experts", None), nn.Module)
+    experts = getattr(parent, "experts", None)
+    return isinstance(experts, nn.Module) and experts is not getattr(parent, leaf, None)
 
 
 def to_matrix(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -430,9 +434,8 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return to_matrix(layer, layer.weight.data)
 
 
-# Attribute set on a parameter that computes in a wider dtype than it is stored
-# in (a bf16 block computing in fp32 on a CPU): the dtype it will be saved in.
-STORAGE_DTYPE = "_d2prune_storage_dtype"
+# STORAGE_DTYPE (io/experts.py): the attribute set on a parameter that computes in a wider dtype than it
+# is stored in (a bf16 block computing in fp32 on a CPU), naming the dtype it will be saved in.
 
 
 def set_weight_matrix(layer: nn.Module, w: torch.Tensor) -> None:

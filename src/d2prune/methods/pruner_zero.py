@@ -30,6 +30,7 @@ from ..config import MethodConfig
 from ..engine.sequential import check_finite
 from ..errors import D2PruneError
 from ..ops.masks import row_mask
+from ..io.experts import ExpertLinear
 from ..io.modeling import find_blocks, find_prunable, to_matrix
 from ..engine.method import MaskPruner, Method, register
 
@@ -57,26 +58,30 @@ def pruner_zero_score(W: Tensor, G: Tensor) -> Tensor:
 
 
 def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) -> dict[str, Tensor]:
-    """``{qualified Linear name: G}`` with ``G = sqrt(sum_k g_k^2)`` ([d_out, d_in], fp32)."""
+    """``{qualified Linear name: G}`` with ``G = sqrt(sum_k g_k^2)`` ([d_out, d_in], fp32).
+
+    A MoE expert's projection is a view of its experts module's fused 3-D
+    parameter (io/experts.py): the gradient is taken on that parameter and each
+    expert's slice read out of its sum of squares."""
     blocks = find_blocks(model)
     targets = {f"{blocks.prefix}.{i}.{n}": m for i, b in enumerate(blocks.layers) for n, m in find_prunable(b).items()}
-    params = {id(m.weight): name for name, m in targets.items()}
+    source = {name: m.source if isinstance(m, ExpertLinear) else m.weight for name, m in targets.items()}
+    params = {id(p): p for p in source.values()}  # each parameter once (a fused one serves many experts)
     flags = {p: p.requires_grad for p in model.parameters()}
     home = next(model.parameters()).device
-    sq: dict[str, Tensor] = {}
+    sq: dict[int, Tensor] = {}
     handles = []
 
     def fold(p: Tensor) -> None:  # runs when p.grad is complete for this sample
-        name = params[id(p)]
         g = p.grad.float()
-        sq[name] = g * g if name not in sq else sq[name].add_(g * g)
+        sq[id(p)] = g * g if id(p) not in sq else sq[id(p)].add_(g * g)
         p.grad = None
 
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in params)
-        for m in targets.values():
-            handles.append(m.weight.register_post_accumulate_grad_hook(fold))
+        for p in params.values():
+            handles.append(p.register_post_accumulate_grad_hook(fold))
         model.to(device)
         for j in range(calibration.shape[0]):
             ids = calibration[j:j + 1].to(device)
@@ -93,13 +98,15 @@ def gradient_norms(model: nn.Module, calibration: Tensor, device: torch.device) 
             p.grad = None
         model.to(home)
     for name in targets:  # the same on every rank of a torchrun job (same model): all raise or none
-        if name not in sq:
+        if id(source[name]) not in sq:
             raise D2PruneError(f"{name} received no gradient from the language-modelling loss: Pruner-Zero cannot score it")
     # torchrun: each rank summed the squares over its own samples; G is over all of them
-    distributed.sum_(sq[name] for name in targets)
+    distributed.sum_(sq[i] for i in params)
     out = {}
     for name, m in targets.items():
-        out[name] = to_matrix(m, sq[name].sqrt()).contiguous()  # laid out like m.weight: as the weight matrix
+        full = sq[id(source[name])]
+        # laid out as the weight matrix
+        out[name] = (m.select(full) if isinstance(m, ExpertLinear) else to_matrix(m, full)).sqrt().contiguous()
     return out
 
 
@@ -113,6 +120,11 @@ class PrunerZeroLayer(MaskPruner):
     def mask(self, W, stats):
         G = self.G.to(W.device)
         check_finite(G, f"the gradient norms of {self.name}")
+        if not G.max() > G.min():
+            # no gradient reached it (a MoE expert no calibration token was routed to): mms(G) would be 0
+            # everywhere and the mask arbitrary; |W * W| alone ranks the weights instead
+            self.label = "pruner-zero (no gradient: |W|^2)"
+            return row_mask(W * W, self.sparsity)
         return row_mask(pruner_zero_score(W, G), self.sparsity)
 
 

@@ -1,0 +1,316 @@
+"""Mixture-of-experts layers as matrices the engine can prune (docs/moe.md).
+
+transformers 5 stores a MoE layer's routed experts as fused 3-D parameters
+(``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, or transposed, with
+gate and up concatenated or interleaved, with or without biases) inside one
+experts module, and every such class declares its layout through the
+``@use_experts_implementation`` decorator (``is_transposed``,
+``is_concatenated``, ``has_bias``, ``has_gate``, ``has_post_expert_norm``).
+One mechanism covers them all, read from those flags, never from a class or
+model name:
+
+* :func:`install` gives every expert of such a module three (two without a
+  gate) :class:`ExpertLinear` children - ``experts.3.gate_proj``,
+  ``experts.3.up_proj``, ``experts.3.down_proj``, the names of the per-expert
+  checkpoints - whose ``weight`` is a *view* of the expert's slice of the
+  fused parameter (no copy: writing a pruned matrix into the view writes the
+  3-D parameter, and the state dict keeps its own keys);
+* the experts module's forward is replaced by :func:`routed_forward`, an
+  implementation of transformers' experts interface (``hidden_states``,
+  ``top_k_index``, ``top_k_weights``) that calls each expert's views on the
+  tokens its router sent to it. The engine's forward hooks therefore see each
+  expert's own routed tokens, so every method's statistics, per-layer wrapper
+  and report work on experts unchanged.
+
+The statistics of an expert (``--moe-calibration``): ``routed`` (default) are
+the inputs its projections receive, unscaled by the router's gate weight (the
+weight multiplies the expert's *output*; the layer-wise objective
+``||WX - W'X||`` is over the layer's own inputs, as for a dense MLP);
+``all`` sends every token through every expert for statistics only, the
+block's output staying the routed one. An expert routed fewer than
+``min_tokens`` calibration tokens gets all-token statistics (recorded per
+expert with its routed token count).
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import D2PruneError
+
+# the attributes transformers' @use_experts_implementation sets on an experts module
+LAYOUT_FLAGS = ("has_gate", "is_transposed", "is_concatenated", "has_bias")
+STORAGE_DTYPE = "_d2prune_storage_dtype"  # == modeling.STORAGE_DTYPE (defined here: modeling imports this module)
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How an experts module stores its weights (from its declared flags).
+
+    ``up``: the first projection's parameter (``gate_up_proj``, or ``up_proj``
+    without a gate), ``[E, out, in]`` or transposed ``[E, in, out]``;
+    ``down``: ``down_proj`` laid out the same way."""
+
+    num_experts: int
+    up: str
+    down: str
+    gated: bool
+    transposed: bool
+    concatenated: bool
+    bias: bool
+    post_norm: bool
+
+    def matrix_shape(self, p: Tensor) -> tuple[int, int]:
+        """``[d_out, d_in]`` of one expert's slice of parameter ``p``."""
+        a, b = p.shape[1], p.shape[2]
+        return (b, a) if self.transposed else (a, b)
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout | None:
+    """The layout of a transformers experts module, or None if ``module`` is
+    not one (no declared layout flags, or no 3-D expert parameters)."""
+    if not all(hasattr(module, f) for f in LAYOUT_FLAGS):
+        return None
+    gated = bool(module.has_gate)
+    up = "gate_up_proj" if gated else "up_proj"
+    params = dict(module.named_parameters(recurse=False))
+    if up not in params or "down_proj" not in params:
+        return None
+    pu, pd = params[up], params["down_proj"]
+    if pu.dim() != 3 or pd.dim() != 3 or pu.shape[0] != pd.shape[0]:
+        return None
+    return ExpertsLayout(int(pu.shape[0]), up, "down_proj", gated, bool(module.is_transposed),
+                         bool(module.is_concatenated), bool(module.has_bias),
+                         bool(getattr(module, "has_post_expert_norm", False)))
+
+
+class ExpertLinear(nn.Module):
+    """One expert's projection as a Linear: ``weight`` is the ``[d_out, d_in]``
+    view of its slice of the experts module's fused parameter (``rows`` picks
+    gate or up out of a fused gate-up projection), ``bias`` likewise.
+
+    Holds no parameter of its own, so the model's state dict is unchanged; the
+    fused parameter is looked up on every access, so a streamed block whose
+    parameters are replaced when it is loaded is seen as it is now."""
+
+    def __init__(self, owner: nn.Module, param: str, expert: int, transposed: bool, rows: slice | None,
+                 bias: str | None, role: str):
+        super().__init__()
+        self._owner = (owner,)  # a tuple: not registered as a child module
+        self.param, self.expert, self.transposed, self.rows, self.bias_param = param, expert, transposed, rows, bias
+        self.role = role
+
+    @property
+    def owner(self) -> nn.Module:
+        return self._owner[0]
+
+    def select(self, t: Tensor) -> Tensor:
+        """This expert's ``[d_out, d_in]`` matrix out of a tensor laid out like
+        the fused parameter (the weight itself, its gradient, a mask)."""
+        m = t[self.expert]
+        if self.transposed:
+            m = m.t()
+        return m if self.rows is None else m[self.rows]
+
+    @property
+    def source(self) -> nn.Parameter:
+        return getattr(self.owner, self.param)
+
+    @property
+    def weight(self) -> Tensor:
+        p = self.source
+        w = self.select(p)
+        storage = getattr(p, STORAGE_DTYPE, None)
+        if storage is not None:  # the dtype the block is saved in (a bf16 block computing in fp32)
+            setattr(w, STORAGE_DTYPE, storage)
+        return w
+
+    @property
+    def bias(self) -> Tensor | None:
+        if self.bias_param is None:
+            return None
+        b = getattr(self.owner, self.bias_param)[self.expert]
+        return b if self.rows is None else b[self.rows]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def tokens(self) -> int | None:
+        """Calibration tokens the router sent to this expert in the last calibration pass."""
+        return self.owner._d2prune_experts.tokens(self.expert)
+
+    @property
+    def statistics(self) -> str | None:
+        """Where this expert's statistics came from in the last calibration pass."""
+        return self.owner._d2prune_experts.statistics(self.expert)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"expert={self.expert}, {self.role}, {tuple(self.weight.shape)}"
+
+
+class ExpertMLP(nn.Module):
+    """One expert's projections (the children the engine prunes)."""
+
+    def __init__(self, owner: nn.Module, layout: ExpertsLayout, e: int):
+        super().__init__()
+        up = getattr(owner, layout.up)
+        bias_up = f"{layout.up}_bias" if layout.bias else None
+        bias_down = f"{layout.down}_bias" if layout.bias else None
+        if layout.gated:
+            d_out = layout.matrix_shape(up)[0]
+            if d_out % 2:
+                raise D2PruneError(f"{type(owner).__name__}.{layout.up} has an odd output width {d_out}: "
+                                   "it cannot hold a gate and an up projection")
+            half = d_out // 2
+            g, u = (slice(0, half), slice(half, d_out)) if layout.concatenated else (slice(0, None, 2), slice(1, None, 2))
+            self.gate_proj = ExpertLinear(owner, layout.up, e, layout.transposed, g, bias_up, "gate")
+            self.up_proj = ExpertLinear(owner, layout.up, e, layout.transposed, u, bias_up, "up")
+        else:
+            self.up_proj = ExpertLinear(owner, layout.up, e, layout.transposed, None, bias_up, "up")
+        self.down_proj = ExpertLinear(owner, layout.down, e, layout.transposed, None, bias_down, "down")
+
+
+class StopForward(Exception):
+    """Raised by a counting pass once every experts module of the block has
+    seen its tokens: the rest of the block is not needed."""
+
+
+@dataclass
+class RoutedExperts:
+    """The state :func:`install` attaches to an experts module."""
+
+    layout: ExpertsLayout
+    mlps: list[ExpertMLP]
+    counts: Tensor = None  # routed tokens per expert in the current pass
+    calib_counts: Tensor | None = None  # ... in the last calibration pass
+    all_tokens: set[int] = field(default_factory=set)  # experts computed on every token (statistics)
+    calib_all: set[int] = field(default_factory=set)
+    counting: "CountingPass | None" = None
+    reason: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counts = torch.zeros(self.layout.num_experts, dtype=torch.long)
+
+    def tokens(self, e: int) -> int | None:
+        return None if self.calib_counts is None else int(self.calib_counts[e])
+
+    def statistics(self, e: int) -> str | None:
+        if self.calib_counts is None:
+            return None
+        return self.reason.get(e, "routed")
+
+
+@dataclass
+class CountingPass:
+    """A routing-only pass over one block: the experts modules still to be
+    reached in the current sample (the block stops after the last)."""
+
+    modules: int
+    seen: int = 0
+
+
+def _gate_up(state: RoutedExperts, mlp: ExpertMLP, x: Tensor) -> Tensor:
+    """The fused gate-up output of one expert, laid out as the module's own
+    ``_apply_gate`` reads it (concatenated or interleaved)."""
+    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    if state.layout.concatenated:
+        return torch.cat([g, u], dim=-1)
+    return torch.stack([g, u], dim=-1).flatten(-2)
+
+
+def routed_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                   *args, **kwargs) -> Tensor:
+    """An implementation of transformers' experts interface computing each
+    expert through its :class:`ExpertLinear` views, on the tokens routed to it
+    (in the order of transformers' eager loop: experts ascending, tokens in
+    order, outputs weighted and summed with ``index_add_``)."""
+    state: RoutedExperts = self._d2prune_experts
+    E = state.layout.num_experts
+    with torch.no_grad():
+        hit = F.one_hot(top_k_index.long().clamp(max=E), num_classes=E + 1)[..., :E].permute(2, 1, 0)  # [E, k, T]
+        per_expert = hit.sum(dim=(1, 2)).cpu()
+    state.counts += per_expert
+    if state.counting is not None:
+        state.counting.seen += 1
+        if state.counting.seen >= state.counting.modules:
+            raise StopForward
+        return torch.zeros_like(hidden_states)
+    out = torch.zeros_like(hidden_states)
+    for e in range(E):
+        routed = int(per_expert[e])
+        every = e in state.all_tokens
+        if not routed and not every:
+            continue
+        top_k_pos, token_idx = torch.where(hit[e])
+        x = hidden_states if every else hidden_states[token_idx]
+        mlp = state.mlps[e]
+        h = self._apply_gate(_gate_up(state, mlp, x)) if state.layout.gated else self.act_fn(mlp.up_proj(x))
+        y = mlp.down_proj(h)
+        if state.layout.post_norm:
+            y = self.post_expert_norm(y)
+        if every:
+            y = y[token_idx]
+        y = y * top_k_weights[token_idx, top_k_pos, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def install(module: nn.Module, layout: ExpertsLayout) -> None:
+    """Give ``module`` per-expert :class:`ExpertMLP` children ``"0"`` ...
+    ``"E-1"`` and the routed forward (undone by :func:`uninstall`)."""
+    mlps = [ExpertMLP(module, layout, e) for e in range(layout.num_experts)]
+    for e, mlp in enumerate(mlps):
+        module.add_module(str(e), mlp)
+    module._d2prune_experts = RoutedExperts(layout, mlps)
+    module.forward = types.MethodType(routed_forward, module)
+
+
+def uninstall(module: nn.Module) -> None:
+    state: RoutedExperts = module.__dict__.pop("_d2prune_experts")
+    for e in range(state.layout.num_experts):
+        del module._modules[str(e)]
+    del module.forward  # the class's own (dispatching) forward again
+
+
+def routed_modules(root: nn.Module) -> list[nn.Module]:
+    """The experts modules under ``root`` that have views installed."""
+    return [m for m in root.modules() if "_d2prune_experts" in m.__dict__]
+
+
+@contextmanager
+def unfused(root: nn.Module) -> Iterator[list[nn.Module]]:
+    """Every transformers experts module under ``root`` seen as per-expert
+    Linears for the duration (nested uses are no-ops for modules already done)."""
+    done = []
+    try:
+        for m in list(root.modules()):
+            layout = experts_layout(m)
+            if layout is not None and "_d2prune_experts" not in m.__dict__:
+                install(m, layout)
+                done.append(m)
+        yield done
+    finally:
+        for m in done:
+            uninstall(m)
+
+
+def expert_counts(block: nn.Module) -> dict[str, Tensor]:
+    """``{experts module name in the block: routed tokens per expert}`` of the last calibration pass."""
+    return {n: m._d2prune_experts.calib_counts for n, m in block.named_modules()
+            if "_d2prune_experts" in m.__dict__ and m._d2prune_experts.calib_counts is not None}
