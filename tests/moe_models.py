@@ -59,3 +59,19 @@ def expert_matrices(kind: str, experts, e: int) -> dict[str, torch.Tensor]:
         return {"gate_proj": gu[:, ::2].t(), "up_proj": gu[:, 1::2].t(), "down_proj": down.t()}
     half = gu.shape[0] // 2  # [2I, H] = [gate; up]; down [H, I]
     return {"gate_proj": gu[:half], "up_proj": gu[half:], "down_proj": down}
+
+
+def save_with_tokenizer(kind: str, folder, tokenizer_from, seed: int = 0):
+    """A tiny model of ``kind`` with the 512-token vocabulary of
+    ``tokenizer_from`` (stories260K's), saved with that tokenizer, so the
+    command line can calibrate and evaluate it on real text."""
+    import shutil
+
+    cfg = config(kind)
+    cfg.vocab_size = 512
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(f"{tokenizer_from}/{f}", f"{folder}/{f}")
+    return model

@@ -12,6 +12,7 @@ import transformers
 
 from d2prune import D2PruneError, PruneConfig, Sparsity, prune
 from d2prune.io.experts import unfused
+from conftest import needs_shared
 from moe_models import ARCHS, expert_matrices, experts_module, tiny
 from test_sparsegpt import textbook_obs
 
@@ -248,3 +249,52 @@ def test_bad_moe_options_are_one_line_errors():
         PruneConfig(moe_calibration="every")
     with pytest.raises(D2PruneError, match="--moe-min-tokens"):
         PruneConfig(moe_min_tokens=-1)
+
+
+# --------------------------------------------------------------------------- the command line, saved outputs
+def _cli_prune(folder, out, *extra):
+    from conftest import C4
+    from d2prune.cli import main
+
+    assert main(["-q", "prune", "--model", str(folder), "--nsamples", "4", "--seqlen", "64", "--calib-file", str(C4),
+                 "--no-eval", "--out", str(out), *extra]) == 0
+
+
+@needs_shared
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])  # per-expert checkpoint tensors / fused 3-D ones
+def test_moe_cli_outputs_dense_and_compressed_load_back_equal(tmp_path, kind):
+    import json
+
+    from conftest import STORIES
+    from moe_models import save_with_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    save_with_tokenizer(kind, tmp_path / "dense", STORIES)
+    _cli_prune(tmp_path / "dense", tmp_path / "out", "--method", "wanda", "--sparsity", "2:4")
+    _cli_prune(tmp_path / "dense", tmp_path / "comp", "--method", "wanda", "--sparsity", "2:4",
+               "--save-format", "compressed")
+    record = json.loads((tmp_path / "out" / "d2prune.json").read_text())
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    want = out.state_dict()
+    for n, p in want.items():  # every expert matrix of the saved model is 2:4
+        if ".experts." in n and not n.endswith("bias"):
+            m = p.transpose(-1, -2) if kind == "gpt_oss" else p  # [E, in, out] -> rows of inputs
+            m = m.reshape(-1, m.shape[-1])
+            assert bool(((m == 0).reshape(m.shape[0], -1, 4).sum(-1) >= 2).all()), n
+    assert record["overall_sparsity"] == pytest.approx(_direct_overall(out), abs=1e-9)
+    assert {u["reason"] for u in record["unpruned"]} >= {"router", "norm"}
+    # the compressed folder stores the experts compressed and loads back bit-identical
+    comp = AutoModelForCausalLM.from_pretrained(tmp_path / "comp")
+    for n, p in comp.state_dict().items():
+        assert torch.equal(p, want[n]), n
+    from safetensors import safe_open
+    names = [k for f in (tmp_path / "comp").glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]
+    assert any(".experts." in k and k.endswith("_nm_values") for k in names) or any(
+        ".experts." in k and k.endswith("_bitmask") for k in names)
+
+
+def test_finetune_refuses_fused_experts_in_one_line():
+    from d2prune.finetune import target_linears
+
+    with pytest.raises(D2PruneError, match="MixtralExperts.*mixture-of-experts"):
+        target_linears(tiny("mixtral"))

@@ -340,7 +340,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                         f"{k} ppl {v['ppl']:.3f} ({v['windows']}/{v['total_windows']} windows)" for k, v in ev.items())
         zs_text = f"  zero-shot mean {record['zero_shot']['mean']:.4f}" if record.get("zero_shot") else ""
         dense = sum(r["how"] == "ignored" for r in record["layers"])
-        kept = f" ({record['overall_sparsity']:.4f} over every block Linear, {dense} kept dense)" if dense else ""
+        left = abs(record["overall_sparsity"] - record["sparsity"]) > 5e-5  # routers, layers kept dense...
+        kept = (f" ({record['overall_sparsity']:.4f} over every block weight"
+                + (f", {dense} layers kept dense)" if dense else ")")) if dense or left else ""
         print(f"{args.method} {config.sparsity}: sparsity {record['sparsity']:.4f}{kept}  {ppl}{zs_text}  "
               f"prune {record['prune_seconds']:.1f}s" + (f"  -> {args.out}" if args.out else ""))
         if "compression" in record:

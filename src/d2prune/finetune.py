@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import D2PruneError, first_line
+from .io.experts import experts_layout
 from .io.modeling import check_seqlen, find_blocks, find_prunable, pick_device
 from .io.resume import STATE_NAME, WorkFolder, files_digest, tensor_digest
 from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
@@ -168,6 +169,11 @@ def target_linears(model: nn.Module, record: dict | None = None) -> list[str]:
     pruned model's ``d2prune.json`` lists as pruned (rows are full module
     names; a layer kept dense by ``--ignore`` / ``--targets`` has the row
     ``how: ignored`` and is not adapted), else every block Linear."""
+    fused = [type(m).__name__ for m in model.modules() if experts_layout(m) is not None]
+    if fused:  # LoRA here wraps nn.Linear: the experts (most of the weights) would silently stay untrained
+        raise D2PruneError(f"{type(model).__name__} keeps its experts in fused 3-D parameters ({fused[0]}): d2prune "
+                           "finetune adapts nn.Linear layers only and would leave every expert untrained; it does not "
+                           "support mixture-of-experts models yet")
     blocks = find_blocks(model)
     names = [f"{blocks.prefix}.{i}.{n}" for i, block in enumerate(blocks.layers) for n in find_prunable(block)]
     layers = (record or {}).get("layers") or []

@@ -398,8 +398,9 @@ def _record(opened, config: PruneConfig, data: DataConfig, seqlen: int, report: 
         "config": to_dict(config),
         "data": {**asdict(data), "seqlen": seqlen},
         "versions": library_versions(),
-        "sparsity": report.sparsity,  # over the pruned Linears; overall_sparsity: every block Linear, dense ones too
+        "sparsity": report.sparsity,  # over the pruned layers; overall_sparsity: every 2+-D block weight
         "overall_sparsity": report.overall_sparsity,
+        "unpruned": report.unpruned,  # block tensors left as they are, with their reasons (io/inventory.py)
         "prune_seconds": report.seconds,
         "method_summary": report.method,
         "layers": [to_dict(r) for r in report.layers],

@@ -12,6 +12,7 @@ again writes a dense checkpoint, never a mislabelled one). Imported lazily by
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..io.sparse_format import (FORMAT, QUANT_METHOD, SUFFIXES, VERSION, checksum, checksum_error, decompress_matrix,
+from ..io.sparse_format import (FORMAT, QUANT_METHOD, SHAPE, SUFFIXES, VERSION, checksum, checksum_error, decompress_matrix,
                             expected_checksums)
 
 # The quantizer relies on transformers' load operations ("dequantize" ops that
@@ -71,21 +72,46 @@ class Decompress(ConversionOps):
 
     def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
                 full_layer_name: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
-        parts = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
-        if full_layer_name and full_layer_name.endswith("weight"):  # the stored names: P.weight, P.weight_values, ...
-            prefix = full_layer_name[: -len("weight")]
-            self.hf_quantizer.verify({prefix + k: v for k, v in parts.items()})
-        if "weight" in parts and len(parts) == 1:
-            return {full_layer_name: parts["weight"]}
-        stored = {k[len("weight"):]: v for k, v in parts.items() if k != "weight"}
-        return {full_layer_name: decompress_matrix(stored)}
+        """Two callers: one module's own tensors (keys are the stored names'
+        tails, ``weight``, ``weight_values``, ... or a fused experts tensor's
+        ``down_proj``, ``down_proj_shape``, ...), returned as the module's dense
+        parameter; or, before a model converter merges per-expert checkpoint
+        tensors into a fused parameter, lists of them keyed by source pattern
+        (``.experts.*.w1.weight_values``), returned as lists of dense tensors
+        under the weight's own pattern for the merge that follows."""
+        groups: dict[str, dict[str, Any]] = {}
+        for k, v in input_dict.items():
+            suffix = next((s for s in sorted(SUFFIXES, key=len, reverse=True) if k.endswith(s)), "")
+            groups.setdefault(k[: len(k) - len(suffix)], {})[suffix] = v
+        if len(groups) == 1 and next(iter(groups)) in self.hf_quantizer.serialized_names:  # one module's own tensors
+            param, parts = next(iter(groups.items()))
+            parts = {k: (v[0] if isinstance(v, list) else v) for k, v in parts.items()}
+            if full_layer_name and full_layer_name.endswith(param):
+                prefix = full_layer_name[: -len(param)]
+                self.hf_quantizer.verify({prefix + param + k: v for k, v in parts.items()})
+            dense = parts[""] if "" in parts and len(parts) == 1 else decompress_matrix(parts)
+            return {full_layer_name: dense}
+        out = {}  # per-expert lists (their checksums were checked before loading: quantizer.PER_EXPERT)
+        for base, parts in groups.items():
+            if "" in parts and len(parts) == 1:
+                out[base] = parts[""]
+                continue
+            n = len(parts[SHAPE])
+            out[base] = [decompress_matrix({s: v[i] for s, v in parts.items() if s}) for i in range(n)]
+        return out
+
+
+# per-expert checkpoint tensors (Mixtral's experts.3.w1.weight): transformers may merge them into a fused
+# parameter, and the merge's dequantize step sees patterns, not names, so their checksums are checked up front
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 class D2PruneSparseQuantizer(HfQuantizer):
     """Loads ``d2prune-sparse`` checkpoints (pre-compressed only)."""
 
     requires_calibration = True  # nothing to do on a dense model: only loading compressed folders
-    serialized_names = {"weight": ["weight"] + ["weight" + s for s in SUFFIXES]}
+    # a Linear's weight, and the fused 3-D parameters of transformers' experts modules (io/experts.py)
+    serialized_names = {p: [p] + [p + s for s in SUFFIXES] for p in ("weight", "gate_up_proj", "up_proj", "down_proj")}
 
     def get_load_operations(self) -> dict:
         return {"dequantize": Decompress}
@@ -107,12 +133,12 @@ class D2PruneSparseQuantizer(HfQuantizer):
         self.checksums: dict[str, str] = {}
         self.shard_of: dict[str, Path] = {}
         self.damaged: list[tuple[str, str, str]] = []
-        converted = set(self.serialized_names["weight"])
+        converted = {n for names in self.serialized_names.values() for n in names}
         for f in checkpoint_files or ():
             sums = expected_checksums(self.quantization_config, [f])
             self.checksums.update(sums)
             self.shard_of.update({n: Path(f) for n in sums})
-            others = [n for n in sums if n.rpartition(".")[2] not in converted]
+            others = [n for n in sums if n.rpartition(".")[2] not in converted or PER_EXPERT.search(n)]
             if others:
                 from safetensors import safe_open
 

@@ -122,11 +122,14 @@ def _kept(W: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- one matrix
 def compress_matrix(name: str, W: Tensor, nm: tuple[int, int] | None = None) -> dict[str, Tensor]:
-    """The tensors storing the 2-D weight ``name`` (e.g. ``...q_proj.weight``):
-    N:M when ``nm = (kept, group)`` fits it, else the bitmask."""
+    """The tensors storing the weight ``name`` (e.g. ``...q_proj.weight``):
+    N:M when ``nm = (kept, group)`` fits it, else the bitmask. A fused 3-D
+    experts tensor ``[E, a, b]`` is stored as the ``[E * a, b]`` matrix of its
+    stacked experts (its shape entry keeps the three dimensions)."""
+    out = {name + SHAPE: torch.tensor(list(W.shape), dtype=torch.int64)}
+    W = _as_matrix(W)
     rows, cols = W.shape
     kept = _kept(W)
-    out = {name + SHAPE: torch.tensor([rows, cols], dtype=torch.int64)}
     if nm is not None:
         k, m = nm
         groups = kept.reshape(rows, cols // m, m)
@@ -148,7 +151,17 @@ def compress_matrix(name: str, W: Tensor, nm: tuple[int, int] | None = None) -> 
 def decompress_matrix(parts: dict[str, Tensor]) -> Tensor:
     """The dense matrix from its stored parts (keys are the suffixes:
     ``_shape``, ``_bitmask``/``_values`` or ``_nm``/``_nm_values``/``_nm_indices``)."""
-    rows, cols = (int(v) for v in parts[SHAPE])
+    shape = [int(v) for v in parts[SHAPE]]
+    W = _decompress(parts, math.prod(shape[:-1]), shape[-1])
+    return W.reshape(shape)
+
+
+def _as_matrix(W: Tensor) -> Tensor:
+    """``W`` as a ``[rows, cols]`` matrix (a 3-D experts tensor: its experts stacked)."""
+    return W if W.ndim == 2 else W.reshape(-1, W.shape[-1])
+
+
+def _decompress(parts: dict[str, Tensor], rows: int, cols: int) -> Tensor:
     if NM in parts:
         k, m = (int(v) for v in parts[NM])
         values = parts[NM_VALUES].reshape(rows, cols // m, k)
@@ -167,6 +180,7 @@ def decompress_matrix(parts: dict[str, Tensor]) -> Tensor:
 def nm_pattern(W: Tensor) -> tuple[int, int] | None:
     """The first of 2:4, 4:8 that ``W`` satisfies (at most ``k`` kept weights in
     every group of ``m`` consecutive inputs of a row), or None."""
+    W = _as_matrix(W)
     kept = _kept(W)
     for k, m in NM_PATTERNS:
         if W.shape[1] % m == 0 and int(kept.reshape(W.shape[0], -1, m).sum(-1).max()) <= k:
@@ -175,6 +189,7 @@ def nm_pattern(W: Tensor) -> tuple[int, int] | None:
 
 
 def compressed_bytes(W: Tensor, nm: tuple[int, int] | None) -> int:
+    W = _as_matrix(W)
     return stored_bytes(W.shape[0], W.shape[1], W.element_size(), 0 if nm is not None else int(_kept(W).sum()), nm)
 
 
@@ -191,8 +206,10 @@ def stored_bytes(rows: int, cols: int, element_size: int, kept: int, nm: tuple[i
 
 def encode(name: str, t: Tensor) -> dict[str, Tensor]:
     """``{name: t}`` unchanged, or the compressed parts of ``t`` when it is a
-    floating 2-D ``.weight`` that they store in fewer bytes."""
-    if not (name.endswith("weight") and t.ndim == 2 and t.is_floating_point() and t.numel()):
+    floating 2-D ``.weight`` or a 3-D fused experts tensor (``...experts.down_proj``)
+    that they store in fewer bytes."""
+    matrix = (name.endswith("weight") and t.ndim == 2) or (t.ndim == 3 and not name.endswith("bias"))
+    if not (matrix and t.is_floating_point() and t.numel()):
         return {name: t}
     dense = t.numel() * t.element_size()
     nm = nm_pattern(t)  # preferred when it fits: the layout 2:4 kernels consume
