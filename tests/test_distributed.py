@@ -173,3 +173,22 @@ def test_another_world_size_is_refused_and_restart_starts_over(tmp_path, monkeyp
     assert json.loads((out / "d2prune.json").read_text())["memory"]["resumed_from_block"] == 0
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_prune_moe_experts_like_one(tmp_path):
+    """A tiny Qwen3-MoE: each expert's routed-token statistics, its token count and the few-token fallback
+    decision are combined over the ranks, so two processes give one process's masks and expert rows."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from moe_models import save_with_tokenizer
+
+    save_with_tokenizer("qwen3_moe", tmp_path / "dense", STORIES)
+    args = ["--model", str(tmp_path / "dense"), "--seqlen", "64", "--method", "sparsegpt", "--moe-min-tokens", "250"]
+    _one(tmp_path / "one", *args)
+    subprocess.run(_torchrun(*args, "--out", str(tmp_path / "two")), check=True, env=ENV, timeout=600)
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    experts = [k for k in wa if ".experts." in k]
+    assert experts and all(torch.equal(wa[k] == 0, wb[k] == 0) for k in wa)
+    rows = [{r["name"]: (r["tokens"], r["statistics"]) for r in json.loads((tmp_path / d / "d2prune.json").read_text())
+             ["layers"] if r["tokens"] is not None} for d in ("one", "two")]
+    assert rows[0] == rows[1]
+    assert {s.split(" (")[0] for _, s in rows[0].values()} == {"routed", "all tokens"}  # both kinds occur

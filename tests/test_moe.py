@@ -298,3 +298,30 @@ def test_finetune_refuses_fused_experts_in_one_line():
 
     with pytest.raises(D2PruneError, match="MixtralExperts.*mixture-of-experts"):
         target_linears(tiny("mixtral"))
+
+
+@needs_shared
+def test_moe_crash_resume_is_bit_identical(tmp_path, monkeypatch):
+    """A run killed after block 0 of a tiny Qwen3-MoE and resumed gives the
+    uninterrupted run's weights and expert rows (token counts included)."""
+    import json
+
+    from conftest import STORIES, Crash, crash_after_block
+    from moe_models import save_with_tokenizer
+    from safetensors.torch import load_file
+
+    save_with_tokenizer("qwen3_moe", tmp_path / "dense", STORIES)
+    args = ("--method", "sparsegpt", "--sparsity", "0.5", "--moe-min-tokens", "100")  # some experts fall back
+    _cli_prune(tmp_path / "dense", tmp_path / "whole", *args)
+    crash_after_block(monkeypatch, 0)
+    with pytest.raises(Crash):
+        _cli_prune(tmp_path / "dense", tmp_path / "out", *args)
+    monkeypatch.undo()
+    _cli_prune(tmp_path / "dense", tmp_path / "out", *args)
+    a, b = (json.loads((tmp_path / d / "d2prune.json").read_text()) for d in ("whole", "out"))
+    assert b["memory"]["resumed_from_block"] == 1
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(a["layers"]) == strip(b["layers"])
+    assert any(r["statistics"] and r["statistics"].startswith("all tokens (routed") for r in a["layers"])
+    wa, wb = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("whole", "out"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
