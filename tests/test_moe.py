@@ -325,3 +325,15 @@ def test_moe_crash_resume_is_bit_identical(tmp_path, monkeypatch):
     assert any(r["statistics"] and r["statistics"].startswith("all tokens (routed") for r in a["layers"])
     wa, wb = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("whole", "out"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_memory_estimate_counts_every_experts_hessians():
+    """A Mixtral-8x7B-shaped block (on the meta device: nothing allocated): the run holds one Gram matrix per
+    expert for gate/up (4096^2) and one for down (14336^2) until the block is pruned: 7.1 GB in fp32."""
+    from d2prune.io.budget import expert_gram_elements
+
+    cfg = transformers.MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, vocab_size=128)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert 4 * expert_gram_elements(model.model.layers[0]) == 4 * 8 * (4096 ** 2 + 14336 ** 2)

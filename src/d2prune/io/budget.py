@@ -30,6 +30,7 @@ import torch
 
 from ..config import Sparsity
 from ..errors import D2PruneError
+from .experts import ExpertLinear, unfused
 from .modeling import find_prunable, in_features, weight_matrix
 from .sparse_format import NM_PATTERNS, stored_bytes
 
@@ -130,6 +131,15 @@ def scratch_disk(opened, writes: Writes, offload: str | None, activations: int, 
     return total
 
 
+def expert_gram_elements(block) -> int:
+    """Elements of the input Gram matrices of a block's MoE experts: per
+    expert, one ``d_in x d_in`` for gate and up (they read the same tokens)
+    and one for down (docs/moe.md §4)."""
+    with unfused(block):
+        views = [m for m in find_prunable(block).values() if isinstance(m, ExpertLinear) and m.role != "up"]
+        return sum(in_features(m) ** 2 for m in views)
+
+
 def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: int, activation_buffers: int = 1,
              offload: str | None = None, whole_model_per_weight: int = 0, writes: Writes | None = None) -> Budget:
     """Peak needs of pruning ``opened`` (a :class:`d2prune.io.streaming.OpenedModel`)
@@ -150,6 +160,8 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: 
                    for m in layers.values()), default=0)
     # the Hessian(s) of the widest input, and a few fp32 working copies of the largest weight matrix
     stats = hessians * widest * widest * 4 + 3 * largest * 4
+    if hessians:  # + every MoE expert's Hessians, all held from the block's calibration pass until it is pruned
+        stats += 4 * expert_gram_elements(block0)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
     acts = activation_buffers * samples * seqlen * hidden * c_bytes
     in_blocks = {id(p) for b in blocks.layers for p in b.parameters()}
