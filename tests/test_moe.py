@@ -337,3 +337,12 @@ def test_the_memory_estimate_counts_every_experts_hessians():
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     assert 4 * expert_gram_elements(model.model.layers[0]) == 4 * 8 * (4096 ** 2 + 14336 ** 2)
+
+
+def test_nm_that_does_not_divide_an_expert_matrix_names_it():
+    cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=30, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4, vocab_size=128)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(D2PruneError, match=r"model\.layers\.0\.mlp\.experts\.0\.down_proj: its input width 30"):
+        prune(model, PruneConfig(method="wanda", sparsity="2:4"), calibration())
