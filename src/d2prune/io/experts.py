@@ -200,9 +200,8 @@ class RoutedExperts:
     counts: Tensor = None  # routed tokens per expert in the current pass
     calib_counts: Tensor | None = None  # ... in the last calibration pass
     all_tokens: set[int] = field(default_factory=set)  # experts computed on every token (statistics)
-    calib_all: set[int] = field(default_factory=set)
     counting: "CountingPass | None" = None
-    reason: dict[int, str] = field(default_factory=dict)
+    reason: dict[int, str] = field(default_factory=dict)  # expert -> where its statistics come from, if not routed
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.layout.num_experts, dtype=torch.long)
@@ -308,9 +307,3 @@ def unfused(root: nn.Module) -> Iterator[list[nn.Module]]:
     finally:
         for m in done:
             uninstall(m)
-
-
-def expert_counts(block: nn.Module) -> dict[str, Tensor]:
-    """``{experts module name in the block: routed tokens per expert}`` of the last calibration pass."""
-    return {n: m._d2prune_experts.calib_counts for n, m in block.named_modules()
-            if "_d2prune_experts" in m.__dict__ and m._d2prune_experts.calib_counts is not None}

@@ -88,10 +88,11 @@ def unpruned(block: nn.Module, ignored: set[str] = frozenset()) -> list[Unpruned
 
 
 def check_blocks(blocks: Blocks, model_name: str, ignored=lambda i: frozenset()) -> list[Unpruned]:
-    """Refuse, before any weight is read, a model whose blocks hold weights
-    d2prune cannot prune (more than :data:`UNKNOWN_SHARE` of a block's 2+-D
-    weights in ``unknown`` tensors); else return block 0's... every block's
-    unpruned tensors, named ``PREFIX.i.NAME``."""
+    """Refuse, before any weight is read (shapes suffice: the blocks may be on
+    the meta device), a model whose blocks hold weights d2prune cannot prune
+    (more than :data:`UNKNOWN_SHARE` of a block's 2+-D weights in ``unknown``
+    tensors); else return every block's unpruned tensors, named ``PREFIX.i.NAME``.
+    ``ignored(i)``: names in block ``i`` of the layers ``--ignore`` / ``--targets`` keep dense."""
     everything = []
     for i, block in enumerate(blocks.layers):
         rows = unpruned(block, ignored(i))
