@@ -240,3 +240,41 @@ def test_bad_expert_tensor_is_one_line_on_the_command_line(tmp_path_factory, tmp
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("d2prune: error: ")
     assert EXPERTS.format(1, 2, "w1") in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not C4.is_file(), reason="../shared/data/c4 is not available")
+def test_streamed_resume_reads_finished_blocks_in_the_models_layout(tmp_path_factory, tmp_path, monkeypatch):
+    """A streamed Mixtral run killed after block 0 resumes to the tensors of an
+    uninterrupted run, in the checkpoint's layout; a finished block is read
+    back from its work shard (the model's fused layout: its experts altered
+    here, as pruning them would), not converted again from the input."""
+    from conftest import Crash, crash_after_block
+
+    from d2prune.io.modeling import find_blocks
+    from d2prune.io.streaming import StreamedBlocks, load_streamed
+
+    folder = _checkpoint(tmp_path_factory, "mixtral")
+    _prune(folder, tmp_path / "whole", "on")
+    crash_after_block(monkeypatch, 0)
+    with pytest.raises(Crash):
+        _prune(folder, tmp_path / "out", "on")
+    monkeypatch.undo()
+    path = tmp_path / ".out.work" / "block-00000.safetensors"
+    shard = load_file(str(path))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in shard  # work shards hold the model's parameters
+
+    model, _, reader = load_streamed(str(folder))
+    source = StreamedBlocks(find_blocks(model), reader)
+    altered = tmp_path / "altered.safetensors"
+    save_file({k: (v * 2 if "experts" in k else v) for k, v in shard.items()}, str(altered))
+    source.restore(0, altered)
+    with source.open(0, torch.device("cpu")) as block:
+        got = {f"model.layers.0.{n}": p for n, p in block.named_parameters()}
+        assert got.keys() == shard.keys()
+        assert all(torch.equal(got[k], shard[k] * 2 if "experts" in k else shard[k]) for k in shard)
+
+    _prune(folder, tmp_path / "out", "on")
+    assert json.loads((tmp_path / "out" / "d2prune.json").read_text())["memory"]["resumed_from_block"] == 1
+    whole, out = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    assert whole.keys() == out.keys() == _tensors(folder).keys()
+    assert all(torch.equal(whole[k], out[k]) for k in whole)
