@@ -278,3 +278,31 @@ def test_streamed_resume_reads_finished_blocks_in_the_models_layout(tmp_path_fac
     whole, out = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
     assert whole.keys() == out.keys() == _tensors(folder).keys()
     assert all(torch.equal(whole[k], out[k]) for k in whole)
+
+
+@pytest.mark.skipif(not C4.is_file(), reason="../shared/data/c4 is not available")
+def test_compressed_moe_output_loads_like_the_dense_one(tmp_path_factory, tmp_path):
+    """A streamed DeepSeek-V3 prune saved compressed (in the checkpoint's layout: a
+    matrix per expert) loads with ``d2prune.deploy.compress.from_pretrained``
+    into the in-memory prune's model, router bias buffer included, and streams again."""
+    from transformers import AutoModelForCausalLM
+
+    from d2prune.deploy.compress import from_pretrained
+
+    folder = _checkpoint(tmp_path_factory, "deepseek_v3")
+    _prune(folder, tmp_path / "mem", "off")
+    assert main(["-q", "prune", "--model", str(folder), "--method", "sparsegpt", "--sparsity", "0.5", "--stream", "on",
+                 "--calib-file", str(C4), "--nsamples", "2", "--seqlen", "16", "--no-eval", "--seed", "0",
+                 "--save-format", "compressed", "--out", str(tmp_path / "c")]) == 0
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").state_dict()
+    got = from_pretrained(tmp_path / "c").state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    from d2prune.io.modeling import find_blocks
+    from d2prune.io.streaming import StreamedBlocks, load_streamed
+
+    model, _, reader = load_streamed(str(tmp_path / "c"))
+    with StreamedBlocks(find_blocks(model), reader).open(1, torch.device("cpu")) as block:
+        for n, t in block.state_dict().items():
+            assert torch.equal(t, want[f"model.layers.1.{n}"]), n
