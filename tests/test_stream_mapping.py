@@ -42,16 +42,16 @@ def _config(arch: str):
     if arch == "qwen3_moe":
         return tf.Qwen3MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16, **COMMON)
     if arch == "olmoe":
-        return tf.OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0,
-                              **COMMON)
+        return tf.OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=1,
+                              pad_token_id=0, **COMMON)
     if arch == "gpt_oss":
         return tf.GptOssConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                layer_types=["sliding_attention", "full_attention"], **COMMON)
     if arch == "deepseek_v3":  # block 0 dense, block 1 MoE with a shared expert
         return tf.DeepseekV3Config(moe_intermediate_size=32, intermediate_size=64, n_routed_experts=4,
                                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                                   topk_group=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                   v_head_dim=16, rope_scaling=None, **COMMON)
+                                   topk_group=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=8, v_head_dim=16, rope_scaling=None, **COMMON)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                                 vocab_size=128, max_position_embeddings=64, eos_token_id=1, bos_token_id=0)
@@ -152,9 +152,9 @@ def test_streamed_parameters_equal_from_pretrained_in_bfloat16(tmp_path_factory,
 
 
 def _prune(folder: Path, out: Path, stream: str) -> None:
-    assert main(["-q", "prune", "--model", str(folder), "--method", "sparsegpt", "--sparsity", "0.5", "--stream", stream,
-                 "--calib-file", str(C4), "--nsamples", "2", "--seqlen", "16", "--no-eval", "--seed", "0",
-                 "--out", str(out)]) == 0
+    assert main(["-q", "prune", "--model", str(folder), "--method", "sparsegpt", "--sparsity", "0.5",
+                 "--stream", stream, "--calib-file", str(C4), "--nsamples", "2", "--seqlen", "16", "--no-eval",
+                 "--seed", "0", "--out", str(out)]) == 0
 
 
 @pytest.mark.skipif(not C4.is_file(), reason="../shared/data/c4 is not available")
@@ -173,7 +173,8 @@ def test_streamed_prune_equals_in_memory_in_the_checkpoints_layout(tmp_path_fact
     assert st.keys() == mem.keys()
     for k in mem:
         assert st[k].dtype == mem[k].dtype and torch.equal(st[k], mem[k]), k
-    assert {k: (tuple(t.shape), t.dtype) for k, t in st.items()} == {k: (tuple(t.shape), t.dtype) for k, t in given.items()}
+    layout = lambda tensors: {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}  # noqa: E731
+    assert layout(st) == layout(given)
     assert any(not torch.equal(st[k], given[k]) for k in given if _block_of(k) is not None)  # something was pruned
     index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(st)

@@ -260,7 +260,7 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype | str | None =
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=want)
     tied = tied_parameters(model)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in tied]
-    # the folder is in the checkpoint's layout (save_pretrained's: e.g. one matrix per expert): read as from_pretrained reads it
+    # the folder has the checkpoint's layout (save_pretrained's: a matrix per expert): read as from_pretrained does
     mapping = KeyMapping(model, list(reader.files))
     missing = mapping.missing(names)
     if missing:

@@ -58,11 +58,6 @@ class Group:
     def keys(self) -> list[str]:
         return [k for k, _ in self.sources]
 
-    @property
-    def plain(self) -> bool:
-        """One tensor, under the parameter's own name."""
-        return self.converter is None and self.keys == [self.target]
-
 
 def _shape(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
@@ -81,7 +76,8 @@ def _fill(template: str, numbers: tuple[int, ...]) -> str:
 
 class KeyMapping:
     """How the tensors named ``names`` of a checkpoint become ``model``'s
-    parameters (``model``: the skeleton, on the meta device or not)."""
+    parameters and persistent buffers (``model``: the skeleton, on the meta
+    device or not)."""
 
     def __init__(self, model: nn.Module, names: Iterable[str]):
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -112,8 +108,8 @@ class KeyMapping:
                 targets = (renamed,) if conv is None else tuple(
                     renamed.replace(conv.target_patterns[0], t) for t in conv.target_patterns)
                 group = self.groups[renamed] = Group(renamed, targets, conv)
-            if group.converter is not None:
-                group.sources.append((key, pattern))
+            if group.converter is not None:  # (a key only renamed into a converter's target counts under its own name)
+                group.sources.append((key, pattern if pattern is not None else key))
             elif not group.sources:  # a plain renaming loads the first tensor of its name
                 group.sources.append((key, key))
         self.of = {t: g for g in self.groups.values() for t in g.targets}
@@ -122,11 +118,6 @@ class KeyMapping:
         model._weight_conversions = self.conversions
 
     # ------------------------------------------------------------------ reading
-    @property
-    def identity(self) -> bool:
-        """No conversion applies: every parameter is its checkpoint tensor."""
-        return not self.conversions and all(g.plain for g in self.groups.values())
-
     def missing(self, names: Iterable[str]) -> list[str]:
         """The parameters of ``names`` that no checkpoint tensor gives."""
         return [n for n in names if n not in self.of]
@@ -234,8 +225,8 @@ class KeyMapping:
             return (f"{at}could not build {group.target} of {cls} from the checkpoint tensors {group.keys[0]} ... "
                     f"({len(group.keys)}): {type(error).__name__}: {first_line(error)}")
         if group.converter is None:
-            return (f"{at}tensor {group.keys[0]} has shape {_shape(shapes[group.keys[0]])}; {cls} wants {name} of shape "
-                    f"{_shape(want)}")
+            return (f"{at}tensor {group.keys[0]} has shape {_shape(shapes[group.keys[0]])}; {cls} wants {name} "
+                    f"of shape {_shape(want)}")
         return (f"{at}the checkpoint tensors {group.keys[0]} ... ({len(group.keys)}) make {name} of shape "
                 f"{_shape(got)}; {cls} wants {_shape(want)} (tensors missing or of the wrong shape)")
 
@@ -263,7 +254,8 @@ class KeyMapping:
         """``names`` are written back as they are (no conversion, same names):
         a finished block's shard can be linked into the output as it is."""
         names = list(names)
-        return all(g.converter is None for g in self.groups_of(names)) and sorted(self.reverted_names(names)) == sorted(names)
+        return (all(g.converter is None for g in self.groups_of(names))
+                and sorted(self.reverted_names(names)) == sorted(names))
 
 
 def _own(t: Tensor) -> Tensor:
