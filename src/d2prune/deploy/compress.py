@@ -245,7 +245,8 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype | str | None =
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from ..io.streaming import CompressedReader, tied_parameters
+    from ..io.key_mapping import KeyMapping
+    from ..io.streaming import CompressedReader, persistent_buffers, tied_parameters
 
     folder = Path(folder)
     if not is_compressed(folder):
@@ -259,10 +260,13 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype | str | None =
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=want)
     tied = tied_parameters(model)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in tied]
-    missing = [n for n in names if n not in reader]
+    # the folder has the checkpoint's layout (save_pretrained's: a matrix per expert): read as from_pretrained does
+    mapping = KeyMapping(model, list(reader.files))
+    missing = mapping.missing(names)
     if missing:
-        raise D2PruneError(f"{folder}: the checkpoint has no tensor {missing[0]} that {type(model).__name__} needs")
-    state = {n: t.to(want) if t.is_floating_point() else t for n, t in reader.get_many(names).items()}
+        raise D2PruneError(f"{folder}: the checkpoint has no tensor for {missing[0]} that {type(model).__name__} needs")
+    names += [n for n in persistent_buffers(model) if not mapping.missing([n])]
+    state = mapping.read(names, reader.get_many, str(folder))  # in the skeleton's dtypes (``want``; fp32 buffers stay)
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if tied:

@@ -9,6 +9,8 @@ model's architecture:
   in-memory :class:`~d2prune.io.source.BlockSource`);
 * :mod:`.streaming` (+ :mod:`.gguf`) - models larger than RAM: one block read
   from safetensors / GGUF / compressed checkpoints at a time, sharded output;
+  :mod:`.key_mapping` - checkpoint tensors to parameters and back by
+  transformers' own rules (renamed keys, per-expert tensors fused on load);
 * :mod:`.sparse_format` - the compressed ``d2prune-sparse`` tensor layout;
 * :mod:`.resume` - the work folder beside ``--out`` (crash-resume), :mod:`.save`
   - atomic output folders and ``d2prune.json``, :mod:`.budget` - the memory and

@@ -18,9 +18,10 @@ is opened without materialising it:
 A ``.gguf`` file streams likewise (:class:`GGUFCheckpointReader`): one tensor
 de-quantised at a time, equal bit for bit to what transformers loads.
 
-Tensor names are the skeleton's ``state_dict`` names; a checkpoint that names
-its tensors otherwise (transformers renames some legacy layouts on load) is
-refused with a one-line error pointing at the in-memory path (``--stream off``).
+Checkpoint tensors become the skeleton's parameters by transformers' own
+loading rules (:class:`d2prune.io.key_mapping.KeyMapping`: renamed keys,
+per-expert tensors merged into the fused expert parameters), and the output is
+written back in the checkpoint's own layout, as ``save_pretrained`` writes it.
 """
 
 from __future__ import annotations
@@ -79,7 +80,15 @@ def read_safetensors(path: str | os.PathLike, names) -> dict[str, Tensor]:
 
 class CheckpointReader:
     """Tensor name -> file of a safetensors checkpoint; tensors are read one
-    at a time through ``safe_open`` (memory-mapped), never the whole file."""
+    at a time through ``safe_open`` (memory-mapped), never the whole file.
+
+    :meth:`attach` gives it the model: :meth:`params` then answers in the
+    model's parameters, built from the checkpoint's tensors as
+    ``from_pretrained`` builds them (:mod:`d2prune.io.key_mapping`); a
+    finished block's shard (:meth:`add`) holds parameters as they are, read as such."""
+
+    mapping = None  # the KeyMapping of the attached model
+    added: frozenset = frozenset()  # parameter names read from a finished block's shard from now on
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -122,6 +131,38 @@ class CheckpointReader:
     def get(self, name: str) -> Tensor:
         return self.get_many([name])[name]
 
+    def attach(self, model: nn.Module):
+        """Map this checkpoint's tensors to ``model``'s parameters (transformers'
+        key mapping and conversions); returns the :class:`~d2prune.io.key_mapping.KeyMapping`."""
+        from .key_mapping import KeyMapping
+
+        self.mapping = KeyMapping(model, list(self.files))
+        return self.mapping
+
+    def params(self, names) -> dict[str, Tensor]:
+        """Parameters by model name: those of finished blocks from their
+        shards, the others built from the checkpoint's tensors, one parameter
+        (with its sources) at a time; cast to the model's dtypes."""
+        names = list(names)
+        if self.mapping is None:
+            return self.get_many(names)
+        direct = [n for n in names if n in self.added]
+        out = self.get_many(direct) if direct else {}
+        out.update(self.mapping.read([n for n in names if n not in self.added], self.get_many, str(self.folder)))
+        return {n: out[n] for n in names}
+
+    def shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Every tensor's shape, from the headers (no tensor read); None where unknown."""
+        from safetensors import safe_open
+
+        out = {}
+        for path in set(self.files.values()):
+            with safe_open(str(path), "pt") as f:
+                for n in f.keys():
+                    if self.files.get(n) == path:
+                        out[n] = tuple(f.get_slice(n).get_shape())
+        return out
+
     def dtypes(self) -> dict[str, torch.dtype]:
         from safetensors import safe_open
 
@@ -147,8 +188,10 @@ class CheckpointReader:
 
         path = Path(path)
         with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                self.files[name] = path
+            names = list(f.keys())
+        for name in names:
+            self.files[name] = path
+        self.added = frozenset(self.added | set(names))
 
 
 class CompressedReader(CheckpointReader):
@@ -200,6 +243,10 @@ class CompressedReader(CheckpointReader):
                 self.parts.pop(n, None)
                 self.checksums.pop(n, None)
 
+    def shapes(self) -> None:
+        """The stored parts' shapes are not the matrices' (checked when each block is read)."""
+        return None
+
     def dtypes(self) -> dict[str, torch.dtype]:
         from safetensors import safe_open
 
@@ -249,6 +296,10 @@ class GGUFCheckpointReader(CheckpointReader):
                     if self.files.get(n) == path:
                         out[n] = _ST_DTYPES.get(f.get_slice(n).get_dtype(), torch.float32)
         return out
+
+    def shapes(self) -> None:
+        """Named and shaped as transformers loads the file already (checked when each block is read)."""
+        return None
 
     def dtype_of(self, name: str) -> torch.dtype:
         return self.gguf.dtype if self.files.get(name) == self.path else self.dtypes()[name]
@@ -315,6 +366,19 @@ def fix_mmap_threshold(size: int = 1 << 20) -> None:
 _LIBC = None
 
 
+def persistent_buffers(model: nn.Module) -> list[str]:
+    """The buffers the model's state dict holds (``from_pretrained`` loads them
+    from the checkpoint and ``save_pretrained`` writes them: DeepSeek-V3's
+    router keeps its trained ``e_score_correction_bias`` in one)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return [n for n in model.state_dict(keep_vars=True) if n not in params]
+
+
+def _set_buffer(root: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    (root.get_submodule(owner) if owner else root)._buffers[attr] = value
+
+
 def tied_parameters(model: nn.Module) -> dict[str, str]:
     """``{target: source}`` parameter names tied by the model (lm_head -> embeddings)."""
     if not getattr(model.config, "tie_word_embeddings", False):
@@ -349,13 +413,23 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
         raise D2PruneError(f"could not build the model of {path}: {type(e).__name__}: {first_line(e)}") from e
     find_blocks(model)  # a clear error now for a model without decoder blocks
     tied = tied_parameters(model)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    unknown = [n for n in names if n not in reader and n not in tied]
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in tied]
+    mapping = reader.attach(model)
+    unknown = mapping.missing(names)
     if unknown:
+        expected = mapping.expected_name(unknown[0])
         raise D2PruneError(
-            f"{path}: the checkpoint does not name its tensors as {type(model).__name__} does (e.g. {unknown[0]} is "
-            "missing): load it in memory with --stream off"
+            f"{path}: the checkpoint has no tensor for {unknown[0]} of {type(model).__name__}"
+            + (f" (read from {expected})" if expected != unknown[0] else "")
+            + f"{f' nor for {len(unknown) - 1} other parameters' if len(unknown) > 1 else ''}: it is incomplete or "
+            "not a checkpoint of this model"
         )
+    buffers = [n for n in persistent_buffers(model) if not mapping.missing([n])]  # those the checkpoint holds
+    shapes = reader.shapes()
+    if shapes is not None:  # every parameter built on the meta device: a bad tensor is named before any block is pruned
+        mapping.check(shapes, names + buffers, str(path))
+    for name, t in _checked(reader.params(buffers)).items():  # small, and kept: buffers stay real in the skeleton
+        _set_buffer(model, name, t)
     for target, src in tied.items():  # one Parameter object for both names, as from_pretrained ties them
         _set_param(model, target, model.get_parameter(src))
     try:
@@ -401,7 +475,7 @@ class StreamedBlocks(BlockSource):
             skip = {id(p) for p in out_emb.parameters()}
             params = {n: p for n, p in params.items() if id(p) not in skip}
         try:
-            for name, t in _checked(self.reader.get_many(params)).items():
+            for name, t in _checked(self.reader.params(params)).items():
                 _set_param(model, name, t.to(params[name].dtype))
             for target, src in tied.items():
                 _set_param(model, target, model.get_parameter(src))
@@ -424,7 +498,7 @@ class StreamedBlocks(BlockSource):
         block = self.blocks[i]
         try:
             names = self.names(i)
-            tensors = _checked(self.reader.get_many(names.values()))
+            tensors = _checked(self.reader.params(names.values()))
             for local, full in names.items():
                 _set_param(block, local, tensors.pop(full).to(block.get_parameter(local).dtype))
             placed = place_params(block, device, self.compute_dtype)
@@ -458,45 +532,71 @@ REST_SHARD_BYTES = 1 << 30  # what is outside the blocks goes to shards of at mo
 
 def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list[Path], folder: str | os.PathLike,
                   storage: torch.dtype) -> None:
-    """Write ``model`` into ``folder`` as an ordinary sharded checkpoint: first
+    """Write ``model`` into ``folder`` as an ordinary sharded checkpoint in the
+    input checkpoint's own layout (its tensor names and shapes: the reverse of
+    the conversions it was read with, as ``save_pretrained`` writes it): first
     what is outside the blocks (read from the input again, one shard of at
     most 1 GiB at a time), then one shard per block (``block_shards[i]``,
-    already written; hard-linked when possible, so no block passes through RAM
-    again), ``model.safetensors.index.json`` and the config (``dtype`` = the
-    storage dtype; no ``auto_map``)."""
+    already written in the model's layout; hard-linked when that is the
+    checkpoint's too, so no block passes through RAM again, else converted
+    back one parameter group at a time), ``model.safetensors.index.json`` and
+    the config (``dtype`` = the storage dtype; no ``auto_map``)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     folder = Path(folder)
     blocks = find_blocks(model)
     tied = tied_parameters(model)
+    mapping = reader.mapping
     rest = {n: p for n, p in model.named_parameters(remove_duplicate=False)
             if not n.startswith(blocks.prefix + ".") and n not in tied}  # unchanged by pruning: copied from the input
+    buffers = {n: model.get_buffer(n) for n in persistent_buffers(model)}  # every block's too, as save_pretrained
+    # the tensors one conversion makes stay in one shard (it is reverted whole)
+    units = [[n] for n in buffers if mapping is None or n not in mapping.of]
+    if mapping is not None:
+        units += [[t for t in g.targets if t in rest or t in buffers]
+                  for g in mapping.groups_of([*rest, *(n for n in buffers if n in mapping.of)])]
+    else:
+        units += [[n] for n in rest]
+    rest.update(buffers)
     groups: list[list[str]] = []
     filled = REST_SHARD_BYTES
-    for n, p in rest.items():
-        nbytes = p.numel() * p.element_size()
+    for unit in units:
+        nbytes = sum(rest[n].numel() * rest[n].element_size() for n in unit)
         if filled + nbytes > REST_SHARD_BYTES:
             groups.append([])
             filled = 0
-        groups[-1].append(n)
+        groups[-1].extend(unit)
         filled += nbytes
     total = len(groups) + len(block_shards)
     weight_map, size = {}, 0
     for k, names in enumerate(groups):
-        tensors = {n: t.to(rest[n].dtype) for n, t in reader.get_many(names).items()}
+        tensors = {n: t.to(rest[n].dtype) for n, t in reader.params([n for n in names if n not in buffers]).items()}
+        tensors.update({n: buffers[n].detach().to("cpu").contiguous() for n in names if n in buffers})
+        if mapping is not None:
+            tensors = mapping.revert(tensors)
         save_file(tensors, str(folder / shard_name(k + 1, total)), metadata={"format": "pt"})
-        weight_map.update({n: shard_name(k + 1, total) for n in names})
+        weight_map.update({n: shard_name(k + 1, total) for n in tensors})
         size += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     for i, src in enumerate(block_shards):
         dst = folder / shard_name(len(groups) + i + 1, total)
-        try:
-            os.link(src, dst)
-        except OSError:
-            import shutil
+        with safe_open(str(src), "pt") as f:  # the header only: no tensor is read
+            names = list(f.keys())
+        if mapping is None or mapping.written_as_read(names):
+            try:
+                os.link(src, dst)
+            except OSError:
+                import shutil
 
-            shutil.copyfile(src, dst)
+                shutil.copyfile(src, dst)
+        else:  # back to the checkpoint's layout (e.g. one tensor per expert), one conversion's parameters at a time
+            tensors = {}
+            for g in mapping.groups_of(names):
+                tensors.update(mapping.revert(read_safetensors(src, [t for t in g.targets if t in names])))
+            save_file(tensors, str(dst), metadata={"format": "pt"})
+            del tensors
+            trim_heap()
         with safe_open(str(dst), "pt") as f:  # the header only: no tensor is read
             for name in f.keys():
                 weight_map[name] = dst.name
