@@ -151,8 +151,9 @@ def test_streamed_parameters_equal_from_pretrained_in_bfloat16(tmp_path_factory,
     _streamed_equals_from_pretrained(_checkpoint(tmp_path_factory, arch, torch.bfloat16), torch.bfloat16)
 
 
-def _prune(folder: Path, out: Path, stream: str) -> None:
-    assert main(["-q", "prune", "--model", str(folder), "--method", "sparsegpt", "--sparsity", "0.5",
+def _prune(folder: Path, out: Path, stream: str, *method: str) -> None:
+    method = method or ("--method", "sparsegpt", "--sparsity", "0.5")
+    assert main(["-q", "prune", "--model", str(folder), *method,
                  "--stream", stream, "--calib-file", str(C4), "--nsamples", "2", "--seqlen", "16", "--no-eval",
                  "--seed", "0", "--out", str(out)]) == 0
 
@@ -181,6 +182,24 @@ def test_streamed_prune_equals_in_memory_in_the_checkpoints_layout(tmp_path_fact
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "st", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     _streamed_equals_from_pretrained(tmp_path / "st")
+
+
+@pytest.mark.skipif(not C4.is_file(), reason="../shared/data/c4 is not available")
+@pytest.mark.parametrize("method", [("wanda", "2:4"), ("magnitude", "0.5"), ("ria", "2:4"), ("d2prune", "2:4")])
+def test_every_method_streams_mixtrals_experts_like_in_memory(tmp_path_factory, tmp_path, method):
+    """Mixtral's per-expert checkpoint tensors (w1/w2/w3), streamed: the output equals the in-memory one and
+    every expert matrix is at the target (the other architectures: SparseGPT, above)."""
+    folder = _checkpoint(tmp_path_factory, "mixtral")
+    flags = ("--method", method[0], "--sparsity", method[1])
+    _prune(folder, tmp_path / "mem", "off", *flags)
+    _prune(folder, tmp_path / "st", "on", *flags)
+    mem, st = _tensors(tmp_path / "mem"), _tensors(tmp_path / "st")
+    assert st.keys() == mem.keys() and all(torch.equal(st[k], mem[k]) for k in mem)
+    experts = {k: t for k, t in st.items() if re.search(r"\.experts\.\d+\.w[123]\.weight$", k)}
+    assert len(experts) == 2 * 4 * 3  # 2 blocks x 4 experts x 3 matrices
+    for k, w in experts.items():
+        zero = (w == 0).reshape(w.shape[0], -1, 4) if method[1] == "2:4" else (w == 0)
+        assert bool((zero.sum(-1) >= 2).all()) if method[1] == "2:4" else 0.5 <= float(zero.float().mean()) <= 0.51, k
 
 
 # --------------------------------------------------------------------------- bad checkpoints
