@@ -118,6 +118,7 @@ def routed_inputs(kind, model, ids, block=0):
     E = experts.gate_up_proj.shape[0]
     for e in range(E):
         xs = [x[(idx == e).any(-1)] for x, idx, _ in calls]
+        gates = torch.cat([(w * (idx == e)).sum(-1)[(idx == e).any(-1)] for _, idx, w in calls])
         x = torch.cat(xs)
         W = expert_matrices(kind, experts, e)
         with torch.no_grad():
@@ -129,7 +130,11 @@ def routed_inputs(kind, model, ids, block=0):
             else:
                 hidden = experts._apply_gate(torch.cat([g, u], -1))
         out[e] = (x, hidden, [len(t) for t in xs])
+        GATES[(id(model), e)] = gates
     return out
+
+
+GATES: dict = {}  # (model, expert) -> the gate weight of each routed token of block 0, from routed_inputs
 
 
 def wanda_direct(W, X, sparsity: Sparsity):
@@ -223,6 +228,26 @@ def test_all_token_statistics_and_the_few_token_fallback():
     fell = {int(r.name.split(".experts.")[1].split(".")[0]) for r in report3.layers
             if ".layers.0.mlp.experts." in r.name and r.statistics and r.statistics.startswith("all")}
     assert fell == {e for e, c in counts.items() if c < low}
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_gate_weighted_statistics_equal_a_direct_computation(kind):
+    """--moe-calibration weighted: each routed token's row scaled by its gate weight (Wanda's norms and
+    SparseGPT's Hessian weigh it by g^2)."""
+    sp = Sparsity.parse("0.5")
+    for method, direct in (("wanda", wanda_direct), ("sparsegpt", sparsegpt_direct)):
+        model = tiny(kind)
+        ids = calibration()
+        inputs = routed_inputs(kind, model, ids)
+        experts = experts_module(model.model.layers[0])
+        dense = {e: {r: w.detach().clone() for r, w in expert_matrices(kind, experts, e).items()} for e in inputs}
+        report = prune(model, PruneConfig(method=method, sparsity=sp, moe_calibration="weighted", moe_min_tokens=0), ids)
+        for e, (x, h, _) in inputs.items():
+            g = GATES[(id(model), e)].unsqueeze(-1)
+            pruned = expert_matrices(kind, experts, e)
+            for role, X in (("gate_proj", x * g), ("up_proj", x * g), ("down_proj", h * g)):
+                assert torch.equal(pruned[role] == 0, direct(dense[e][role], X, sp)), (method, e, role)
+        assert {r.statistics for r in report.layers if r.tokens is not None} == {"routed, gate-weighted"}
 
 
 def test_routed_and_all_token_statistics_give_different_masks():

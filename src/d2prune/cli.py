@@ -187,9 +187,10 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's work folder (.OUT.work) instead of resuming it")
     moe = p.add_argument_group("mixture of experts (docs/moe.md)")
-    moe.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
-                     help="each expert's statistics from the calibration tokens its router sends to it (routed), or "
-                          "from every token (all; the block's output stays the routed one)")
+    moe.add_argument("--moe-calibration", default="routed", choices=["routed", "all", "weighted"],
+                     help="each expert's statistics from the calibration tokens its router sends to it (routed), "
+                          "those tokens weighted by their gate weights (weighted: g^2 in the statistics), or every "
+                          "token (all; the block's output stays the routed one)")
     moe.add_argument("--moe-min-tokens", type=int, default=64,
                      help="routed: an expert sent fewer calibration tokens than this gets all-token statistics "
                           "(recorded per expert in d2prune.json; 0: never)")

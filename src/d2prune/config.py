@@ -185,7 +185,7 @@ def _coerce(text: str) -> Any:
 ALLOCATIONS = ("uniform", "owl")
 
 
-MOE_CALIBRATIONS = ("routed", "all")
+MOE_CALIBRATIONS = ("routed", "all", "weighted")
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,8 @@ class PruneConfig:
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     # Mixture-of-experts (docs/moe.md): each expert's statistics from the calibration tokens its router
-    # sends to it (routed), or from every token (all); in routed mode an expert sent fewer than
+    # sends to it (routed), those weighted by their gate weights (weighted), or from every token (all);
+    # in routed / weighted mode an expert sent fewer than
     # moe_min_tokens tokens gets all-token statistics (recorded per expert)
     moe_calibration: str = "routed"
     moe_min_tokens: int = 64

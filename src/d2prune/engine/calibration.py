@@ -210,12 +210,16 @@ class BlockObserver:
 
             def hook(module, inp, out):
                 x = inp[0].detach()
+                # a MoE expert under --moe-calibration weighted: each routed token's row scaled by its gate
+                # weight g, so the statistics weigh it by g^2 (docs/moe.md §2)
+                scale = module.stat_scale if isinstance(module, ExpertLinear) else None
+                seen = x if scale is None else x * scale.unsqueeze(-1).to(x.dtype)
                 if not self.stats:
                     # keep x itself alive too: a freed input's address could be reused by a later
                     # Linear's input within this forward, and identity keys would then collide
-                    self.first.setdefault(name, []).append((_identity(x), x, x.clone()))
+                    self.first.setdefault(name, []).append((_identity(x), x, seen.clone()))
                 elif name in self.leaders:
-                    self.stats[name].update(x)
+                    self.stats[name].update(seen)
                 if outputs:
                     y = (out[0] if isinstance(out, tuple) else out).detach()
                     for p in outputs:
@@ -270,12 +274,15 @@ def _choose_expert_statistics(block: nn.Module, experts: list, index: int, input
     for st in experts:
         st.counts.zero_()
         st.reason = {}
+    for st in experts:
+        st.weighted = options.moe_calibration == "weighted"
     if options.moe_calibration == "all":
         for st in experts:
             st.all_tokens = set(range(st.layout.num_experts))
             st.reason = {e: "all tokens" for e in st.all_tokens}
         return
     if options.moe_min_tokens <= 0:
+        _label_weighted(experts, options)
         return
     counting = CountingPass(len(experts))
     for st in experts:
@@ -296,6 +303,13 @@ def _choose_expert_statistics(block: nn.Module, experts: list, index: int, input
         st.all_tokens = set(low)
         st.reason = {e: f"all tokens (routed {int(st.counts[e])} < {options.moe_min_tokens})" for e in low}
         st.counts.zero_()
+    _label_weighted(experts, options)
+
+
+def _label_weighted(experts: list, options: CalibrationOptions) -> None:
+    if options.moe_calibration == "weighted":
+        for st in experts:
+            st.reason = {e: st.reason.get(e, "routed, gate-weighted") for e in range(st.layout.num_experts)}
 
 
 @torch.no_grad()
@@ -317,7 +331,7 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
             obs.end_sample()
     for st in experts:  # what each expert's statistics came from, for the report; propagation is routed only
         _sum_counts(st, hidden.device)
-        st.calib_counts, st.all_tokens = st.counts.clone(), set()
+        st.calib_counts, st.all_tokens, st.weighted = st.counts.clone(), set(), False
     if distributed.active():  # every process's samples count: statistics combined before any mask is chosen
         for st in {id(st): st for st in obs.stats.values()}.values():
             for acc in st.acc.values():

@@ -27,7 +27,8 @@ the inputs its projections receive, unscaled by the router's gate weight (the
 weight multiplies the expert's *output*; the layer-wise objective
 ``||WX - W'X||`` is over the layer's own inputs, as for a dense MLP);
 ``all`` sends every token through every expert for statistics only, the
-block's output staying the routed one. An expert routed fewer than
+block's output staying the routed one; ``weighted`` takes the routed tokens
+with each token's rows scaled by its gate weight (statistics weighted by g^2). An expert routed fewer than
 ``min_tokens`` calibration tokens gets all-token statistics (recorded per
 expert with its routed token count).
 """
@@ -157,6 +158,12 @@ class ExpertLinear(nn.Module):
         """Where this expert's statistics came from in the last calibration pass."""
         return self.owner._d2prune_experts.statistics(self.expert)
 
+    @property
+    def stat_scale(self) -> Tensor | None:
+        """Per input row, the factor its statistics are scaled by (the tokens' gate weights under
+        ``--moe-calibration weighted``), else None."""
+        return self.owner._d2prune_experts.scale.get(self.expert)
+
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -202,6 +209,8 @@ class RoutedExperts:
     all_tokens: set[int] = field(default_factory=set)  # experts computed on every token (statistics)
     counting: "CountingPass | None" = None
     reason: dict[int, str] = field(default_factory=dict)  # expert -> where its statistics come from, if not routed
+    weighted: bool = False  # --moe-calibration weighted: statistics of routed tokens scaled by their gate weights
+    scale: dict[int, Tensor] = field(default_factory=dict)  # expert -> its current tokens' gate weights
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.layout.num_experts, dtype=torch.long)
@@ -259,8 +268,11 @@ def routed_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, 
         top_k_pos, token_idx = torch.where(hit[e])
         x = hidden_states if every else hidden_states[token_idx]
         mlp = state.mlps[e]
+        if state.weighted and not every:  # (a few-token expert's all-token fallback is not weighted)
+            state.scale[e] = top_k_weights[token_idx, top_k_pos].detach()
         h = self._apply_gate(_gate_up(state, mlp, x)) if state.layout.gated else self.act_fn(mlp.up_proj(x))
         y = mlp.down_proj(h)
+        state.scale.pop(e, None)
         if state.layout.post_norm:
             y = self.post_expert_norm(y)
         if every:
