@@ -274,7 +274,6 @@ def _choose_expert_statistics(block: nn.Module, experts: list, index: int, input
     for st in experts:
         st.counts.zero_()
         st.reason = {}
-    for st in experts:
         st.weighted = options.moe_calibration == "weighted"
     if options.moe_calibration == "all":
         for st in experts:
