@@ -336,3 +336,69 @@ def test_leaving_unfused_restores_the_module(cls):
     for k, (ptr, value) in state.items():
         assert after[k].data_ptr() == ptr and torch.equal(after[k], value), k
     assert torch.equal(m(*inputs), ref)
+
+
+# --------------------------------------------------------------------------- layouts declared but not followed
+def _by_name(name: str) -> type:
+    return next(c for c in CLASSES if c.__name__ == name)
+
+
+NOT_FOLLOWED = {  # a change to a MixtralExperts module -> what layout_problem says
+    "a tensor the views would not use": (
+        lambda m: m.register_parameter("gate_up_proj_scale", nn.Parameter(torch.ones(E, 1, 1))), "gate_up_proj_scale"),
+    "a buffer the views would not use": (lambda m: m.register_buffer("expert_scale", torch.ones(E)), "expert_scale"),
+    "biases declared, not held": (lambda m: setattr(m, "has_bias", True), "gate_up_proj_bias"),
+    "down_proj not chaining up": (
+        lambda m: setattr(m, "down_proj", nn.Parameter(torch.zeros(E, H, I + 1))), "do not chain"),
+    "transposed declared, [out, in] held": (lambda m: setattr(m, "is_transposed", True), "do not chain as transposed"),
+}
+
+
+@pytest.mark.parametrize("change", NOT_FOLLOWED, ids=list(NOT_FOLLOWED))
+def test_a_layout_declared_but_not_followed_is_not_read(change):
+    """The per-expert forward would ignore a tensor, or read the matrices wrongly: no views, so the
+    fused tensors stay unknown and the run is refused (test below), instead of a wrong block output."""
+    from d2prune.io.experts import layout_problem
+
+    m = build(_by_name("MixtralExperts"))
+    assert experts_layout(m) is not None and layout_problem(m) is None
+    edit, says = NOT_FOLLOWED[change]
+    edit(m)
+    assert experts_layout(m) is None
+    assert says in layout_problem(m)
+    with unfused(m) as done:
+        assert done == []
+
+
+def test_experts_not_called_as_the_interface_are_not_read_even_when_decorated():
+    """Llama 4's experts take the tokens already dispatched (``forward(hidden_states)``, [E*T, H]) and
+    store ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``: tables that chain as a transposed
+    layout. Were the class decorated, only its forward would tell it from one."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    from d2prune.io.experts import layout_problem
+
+    decorated = use_experts_implementation(is_transposed=True)(type("DecoratedLlama4TextExperts",
+                                                                    (Llama4TextExperts,), {}))
+    config = transformers.Llama4TextConfig(hidden_size=H, intermediate_size=I, num_local_experts=E)
+    with torch.device("meta"):
+        m = decorated(config)
+    assert (m.gate_up_proj.shape, m.down_proj.shape) == ((E, H, 2 * I), (E, I, H))
+    assert experts_layout(m) is None
+    assert "is not called as transformers' experts interface" in layout_problem(m)
+
+
+def test_a_model_whose_experts_do_not_follow_their_layout_is_refused_before_pruning():
+    from moe_models import tiny
+
+    from d2prune import D2PruneError, PruneConfig, prune
+
+    model = tiny("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts.register_parameter("gate_up_proj_scale", nn.Parameter(torch.ones(4, 1, 1)))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(D2PruneError, match=r"experts\.gate_up_proj \[4, 64, 64\] in MixtralExperts.*MixtralExperts "
+                                           r"declares an experts layout it does not follow: it holds gate_up_proj_scale"):
+        prune(model, PruneConfig(method="wanda", sparsity=0.5), ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
