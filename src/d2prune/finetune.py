@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import D2PruneError, first_line
-from .io.experts import experts_layout
+from .io.experts import LAYOUT_FLAGS
 from .io.modeling import check_seqlen, find_blocks, find_prunable, pick_device
 from .io.resume import STATE_NAME, WorkFolder, files_digest, tensor_digest
 from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
@@ -169,7 +169,8 @@ def target_linears(model: nn.Module, record: dict | None = None) -> list[str]:
     pruned model's ``d2prune.json`` lists as pruned (rows are full module
     names; a layer kept dense by ``--ignore`` / ``--targets`` has the row
     ``how: ignored`` and is not adapted), else every block Linear."""
-    fused = [type(m).__name__ for m in model.modules() if experts_layout(m) is not None]
+    # every module declaring an experts layout, also one d2prune cannot read (the prune refuses those)
+    fused = [type(m).__name__ for m in model.modules() if all(hasattr(m, f) for f in LAYOUT_FLAGS)]
     if fused:  # LoRA here wraps nn.Linear: the experts (most of the weights) would silently stay untrained
         raise D2PruneError(f"{type(model).__name__} keeps its experts in fused 3-D parameters ({fused[0]}): d2prune "
                            "finetune adapts nn.Linear layers only and would leave every expert untrained; it does not "

@@ -35,6 +35,7 @@ expert with its routed token count).
 
 from __future__ import annotations
 
+import inspect
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,20 +77,60 @@ class ExpertsLayout:
 
 def experts_layout(module: nn.Module) -> ExpertsLayout | None:
     """The layout of a transformers experts module, or None if ``module`` is
-    not one (no declared layout flags, or no 3-D expert parameters)."""
+    not one (no declared layout flags) or declares one that it does not follow
+    (:func:`layout_problem`): then its tensors stay ``unknown`` and the run is
+    refused (docs/moe.md §1), rather than computed by a forward that would
+    ignore some of them or not be called as the class's own is."""
+    return _read_layout(module)[0]
+
+
+def layout_problem(module: nn.Module) -> str | None:
+    """Why ``module`` declares the experts layout flags but d2prune cannot read
+    it (None if it can, or declares none)."""
+    return _read_layout(module)[1]
+
+
+def _read_layout(module: nn.Module) -> tuple[ExpertsLayout | None, str | None]:
     if not all(hasattr(module, f) for f in LAYOUT_FLAGS):
-        return None
-    gated = bool(module.has_gate)
+        return None, None
+    gated, bias = bool(module.has_gate), bool(module.has_bias)
+    post_norm = bool(getattr(module, "has_post_expert_norm", False))
     up = "gate_up_proj" if gated else "up_proj"
+    names = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if bias else [])
     params = dict(module.named_parameters(recurse=False))
-    if up not in params or "down_proj" not in params:
-        return None
+    missing = [n for n in names if n not in params]
+    if missing:
+        return None, f"its flags (has_gate={gated}, has_bias={bias}) name {', '.join(missing)}, which it does not hold"
     pu, pd = params[up], params["down_proj"]
     if pu.dim() != 3 or pd.dim() != 3 or pu.shape[0] != pd.shape[0]:
-        return None
-    return ExpertsLayout(int(pu.shape[0]), up, "down_proj", gated, bool(module.is_transposed),
-                         bool(module.is_concatenated), bool(module.has_bias),
-                         bool(getattr(module, "has_post_expert_norm", False)))
+        return None, (f"{up} {list(pu.shape)} and down_proj {list(pd.shape)} are not [experts, out, in] tables "
+                      "of as many experts")
+    layout = ExpertsLayout(int(pu.shape[0]), up, "down_proj", gated, bool(module.is_transposed),
+                           bool(module.is_concatenated), bias, post_norm)
+    (u_out, u_in), (d_out, d_in) = layout.matrix_shape(pu), layout.matrix_shape(pd)
+    if d_out != u_in or d_in * (2 if gated else 1) != u_out:  # down maps the (gated) up output back to the input
+        return None, (f"{up} {list(pu.shape)} and down_proj {list(pd.shape)} do not chain as "
+                      f"{'transposed' if layout.transposed else '[out, in]'} expert matrices")
+    if bias and (tuple(params[names[2]].shape) != (layout.num_experts, u_out)
+                 or tuple(params[names[3]].shape) != (layout.num_experts, d_out)):
+        return None, f"its biases {[list(params[n].shape) for n in names[2:]]} are not [experts, out] tables"
+    for needs in ([] if gated else ["act_fn"]) + (["post_expert_norm"] if post_norm else []):
+        if not hasattr(module, needs):  # what the per-expert forward calls besides the matrices
+            return None, f"it has no {needs}"
+    # every tensor it holds must be one the per-expert forward computes with
+    norm = module.post_expert_norm if post_norm else nn.Module()
+    known = set(names) | {f"post_expert_norm.{n}" for n, _ in (*norm.named_parameters(), *norm.named_buffers())}
+    extra = [n for n, _ in (*module.named_parameters(), *module.named_buffers()) if n not in known]
+    if extra:
+        return None, f"it holds {', '.join(extra)} besides the expert matrices its flags describe"
+    # ... and it must be called as the experts interface (the class's own forward, under the decorator's)
+    own = inspect.unwrap(type(module).forward)
+    try:
+        inspect.signature(own).bind(module, None, None, None)
+    except (TypeError, ValueError):
+        return None, (f"its forward ({own.__qualname__}) is not called as transformers' experts interface "
+                      "(hidden_states, top_k_index, top_k_weights)")
+    return layout, None
 
 
 class ExpertLinear(nn.Module):

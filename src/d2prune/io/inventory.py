@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import D2PruneError
-from .experts import ExpertLinear
+from .experts import ExpertLinear, layout_problem
 from .modeling import Blocks, find_prunable, is_router
 
 UNKNOWN_SHARE = 0.01  # above this share of a block's 2+-D weights, unknown tensors refuse the run
@@ -101,11 +101,13 @@ def check_blocks(blocks: Blocks, model_name: str, ignored=lambda i: frozenset())
         share = sum(u.numel for u in unknown) / max(total, 1)
         if share > UNKNOWN_SHARE:
             names = ", ".join(f"{u.name} {list(u.shape)} in {u.owner}" for u in unknown[:4])
+            declared = next(((type(m).__name__, why) for m in block.modules() if (why := layout_problem(m))), None)
+            hint = (f"{declared[0]} declares an experts layout it does not follow: {declared[1]}" if declared else
+                    "if this is a mixture-of-experts layer, its experts class does not declare its layout through "
+                    "transformers' @use_experts_implementation")
             raise D2PruneError(
                 f"{model_name} block {i} holds weights d2prune does not know how to prune ({share:.0%} of the "
-                f"block's weights: {names}): refusing rather than report a sparsity it did not make; if this is a "
-                "mixture-of-experts layer, its experts class does not declare its layout through transformers' "
-                "@use_experts_implementation")
+                f"block's weights: {names}): refusing rather than report a sparsity it did not make; {hint}")
         everything.extend(Unpruned(f"{blocks.prefix}.{i}.{u.name}", u.shape, u.reason, u.owner) for u in rows)
     return everything
 
