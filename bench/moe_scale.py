@@ -48,6 +48,16 @@ SHAPES = {
                          config=dict(model_type="mixtral", architectures=["MixtralForCausalLM"],
                                      intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
                                      rope_theta=1000000.0)),
+    # deepseek-ai/DeepSeek-V3: 61 blocks (the first 3 dense; here every block is a MoE block), 256 routed experts
+    # (top 8) of width 2048 + 1 shared, multi-head latent attention
+    "deepseek-v3": dict(kind="deepseek_v3", depth=61, hidden=7168, heads=128, kv=128, head_dim=128, experts=256, top=8,
+                        inter=2048, vocab=129280,
+                        config=dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                                    intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256,
+                                    n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=0, n_group=8,
+                                    topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536,
+                                    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                                    rope_theta=10000.0, rope_scaling=None)),
 }
 
 
@@ -60,9 +70,21 @@ def block_shapes(s: dict, i: int) -> dict[str, tuple[int, ...]]:
     out = {p + "self_attn.q_proj.weight": (s["heads"] * hd, h), p + "self_attn.k_proj.weight": (s["kv"] * hd, h),
            p + "self_attn.v_proj.weight": (s["kv"] * hd, h), p + "self_attn.o_proj.weight": (h, s["heads"] * hd),
            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
-    if s["kind"] == "qwen3_moe":
-        out[p + "self_attn.q_norm.weight"] = (hd,)
-        out[p + "self_attn.k_norm.weight"] = (hd,)
+    if s["kind"] == "deepseek_v3":  # latent attention instead of q/k/v/o, a shared expert, a router bias
+        for k in [k for k in out if ".self_attn." in k]:
+            del out[k]
+        a = p + "self_attn."
+        out.update({a + "q_a_proj.weight": (1536, h), a + "q_a_layernorm.weight": (1536,),
+                    a + "q_b_proj.weight": (s["heads"] * 192, 1536), a + "kv_a_proj_with_mqa.weight": (512 + 64, h),
+                    a + "kv_a_layernorm.weight": (512,), a + "kv_b_proj.weight": (s["heads"] * 256, 512),
+                    a + "o_proj.weight": (h, s["heads"] * 128), p + "mlp.gate.e_score_correction_bias": (s["experts"],)})
+        for n in ("gate_proj", "up_proj"):
+            out[f"{p}mlp.shared_experts.{n}.weight"] = (s["inter"], h)
+        out[f"{p}mlp.shared_experts.down_proj.weight"] = (h, s["inter"])
+    if s["kind"] in ("qwen3_moe", "deepseek_v3"):
+        if s["kind"] == "qwen3_moe":
+            out[p + "self_attn.q_norm.weight"] = (hd,)
+            out[p + "self_attn.k_norm.weight"] = (hd,)
         moe, names = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
     else:
         moe, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
@@ -74,13 +96,36 @@ def block_shapes(s: dict, i: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: bool = False) -> Path:
+def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+    """A safetensors file whose tensors are all zero, written as a sparse file
+    (header only; the data are holes): a checkpoint of the right layout and
+    size that costs no disk, for runs that must be refused before reading it."""
+    header, offset = {}, 0
+    for name, shp in shapes.items():
+        dtype, size = ("F32", 4) if name.endswith("correction_bias") else ("BF16", 2)
+        n = size
+        for d in shp:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shp), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)
+    return offset
+
+
+def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: bool = False,
+          sparse: bool = False) -> Path:
     import torch
     from safetensors.torch import save_file
 
     s = SHAPES[shape_name]
     folder = Path(folder)
-    stamp = {"shape": shape_name, "blocks": blocks, "seed": seed, "std": 0.02, "dtype": "bfloat16"}
+    stamp = {"shape": shape_name, "blocks": blocks, "seed": seed, "std": 0.0 if sparse else 0.02, "dtype": "bfloat16"}
     marker = folder / "scale-build.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         print(f"build: reusing {folder}")
@@ -101,6 +146,10 @@ def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: boo
     gen, weight_map, total, t0 = torch.Generator(), {}, 0, time.perf_counter()
     for k, shapes in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        if sparse:
+            total += write_sparse(tmp / fname, shapes)
+            weight_map.update({n: fname for n in shapes})
+            continue
         tensors = {}
         for j, (name, shp) in enumerate(shapes.items()):
             if len(shp) == 1:
@@ -135,6 +184,8 @@ def main(argv=None) -> int:
     b.add_argument("--blocks", type=int, default=1)
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--verify", action="store_true")
+    b.add_argument("--sparse", action="store_true",
+                   help="all-zero tensors in sparse files (no disk used): for runs refused before reading weights")
     for name in ("run", "all"):
         r = sub.add_parser(name)
         r.add_argument("--method", default="wanda")
@@ -148,7 +199,7 @@ def main(argv=None) -> int:
         r.add_argument("--md", type=Path, default=ROOT / "bench" / "MOE_SCALE.md")
     a = ap.parse_args(argv)
     if a.cmd == "build":
-        build(a.shape, a.blocks, a.dir, verify=a.verify)
+        build(a.shape, a.blocks, a.dir, verify=a.verify, sparse=a.sparse)
         return 0
     runs = ([(a.model, None, a.method)] if a.cmd == "run" else
             [(None, spec, m) for spec in a.matrix.split(",") for m in a.methods.split(",")])

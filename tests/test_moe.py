@@ -371,3 +371,24 @@ def test_nm_that_does_not_divide_an_expert_matrix_names_it():
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(D2PruneError, match=r"model\.layers\.0\.mlp\.experts\.0\.down_proj: its input width 30"):
         prune(model, PruneConfig(method="wanda", sparsity="2:4"), calibration())
+
+
+@needs_shared
+def test_a_deepseek_v3_block_that_cannot_fit_is_refused_before_reading(tmp_path, capsys):
+    """A one-block DeepSeek-V3-shaped checkpoint (256 experts of width 2048, hidden 7168: 22.5 GB of bf16 in the
+    block) written as sparse files: the run stops in one line, naming why, before reading a weight."""
+    import importlib.util
+
+    from conftest import C4, ROOT
+    from d2prune.cli import main
+
+    spec = importlib.util.spec_from_file_location("moe_scale", ROOT / "bench" / "moe_scale.py")
+    moe_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe_scale)
+    folder = moe_scale.build("deepseek-v3", 1, tmp_path / "ds", sparse=True)
+    assert main(["-q", "prune", "--model", str(folder), "--method", "wanda", "--no-layer-error", "--stream", "on",
+                 "--nsamples", "2", "--seqlen", "32", "--calib-file", str(C4), "--no-eval",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("d2prune: error: one decoder block needs about")
+    assert not (tmp_path / "out").exists()

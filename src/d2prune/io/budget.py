@@ -54,6 +54,7 @@ class Budget:
     device_memory: int
     scratch_disk: int
     activations: int
+    block: int = 0  # host RAM of one block at work (as read, in the compute dtype, its statistics) on a CPU
 
     def to_dict(self) -> dict:
         return {k: round(v / GB, 3) for k, v in vars(self).items()} | {"unit": "GB"}
@@ -186,7 +187,7 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: 
     eval_acts = writes.eval_samples * seqlen * hidden * c_bytes \
         if opened.streamed or opened.source.compute_dtype is not None or not on_cpu else 0
     disk = scratch_disk(opened, writes, offload, acts, eval_acts)
-    return Budget(int(host), int(dev), int(disk), int(acts))
+    return Budget(int(host), int(dev), int(disk), int(acts), int(working if on_cpu else 0))
 
 
 def bytes_under(folder: Path) -> int:
@@ -210,6 +211,12 @@ def check_fits(budget: Budget, device: torch.device, scratch: str | Path | None,
     log.info("estimated peak: host RAM %.2f GB (%.2f GB available), device %.2f GB, scratch disk %.2f GB "
              "(activations %.2f GB)", budget.host_ram / GB, available_ram / GB, budget.device_memory / GB,
              budget.scratch_disk / GB, budget.activations / GB)
+    if budget.block > available_ram:  # no flag helps: the unit of work itself does not fit
+        raise D2PruneError(
+            f"one decoder block needs about {budget.block / GB:.1f} GB of host RAM at work (its weights as read and "
+            f"in the compute dtype, and its statistics: every MoE expert's at once) but {available_ram / GB:.1f} GB "
+            "are available: use a machine with more RAM or a GPU (pruning a block's experts in groups is not "
+            "supported yet)")
     if budget.host_ram > available_ram:
         hint = "--offload-activations disk, fewer --nsamples or a smaller --seqlen" if streamed else \
             "--stream on (blocks read from disk one at a time), fewer --nsamples or a smaller --seqlen"
