@@ -93,7 +93,8 @@ def expert_tokens(rec: dict, calibration: str) -> str:
             experts[row["name"].rsplit(".", 1)[0]] = (row["tokens"], row.get("statistics"))
     if not experts:
         return "-"
-    expected = (lambda st: str(st).startswith("all")) if calibration == "all" else (lambda st: st == "routed")
+    label = {"routed": "routed", "weighted": "routed, gate-weighted"}.get(calibration)
+    expected = (lambda st: str(st).startswith("all")) if calibration == "all" else (lambda st: st == label)
     other = sum(1 for _, st in experts.values() if not expected(st))
     return f"{min(t for t, _ in experts.values())} / {other}"
 
