@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import C4
+import moe_models
 from d2prune.cli import main
 from d2prune.errors import D2PruneError
 
@@ -34,19 +35,8 @@ def _config(arch: str):
 
     if arch == "llama":
         return tf.LlamaConfig(intermediate_size=96, **COMMON)
-    if arch == "mixtral":
-        return tf.MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **COMMON)
-    if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
-                                 num_experts_per_tok=2, **COMMON)
-    if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16, **COMMON)
-    if arch == "olmoe":
-        return tf.OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=1,
-                              pad_token_id=0, **COMMON)
-    if arch == "gpt_oss":
-        return tf.GptOssConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
-                               layer_types=["sliding_attention", "full_attention"], **COMMON)
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"):  # the MoE tests' tiny configs
+        return moe_models.config(arch)
     if arch == "deepseek_v3":  # block 0 dense, block 1 MoE with a shared expert
         return tf.DeepseekV3Config(moe_intermediate_size=32, intermediate_size=64, n_routed_experts=4,
                                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
