@@ -299,15 +299,18 @@ def test_disk_check_counts_temporary_files_and_an_interrupted_runs_folder(tmp_pa
 
 
 def test_run_that_cannot_fit_is_refused_before_pruning(tmp_path, monkeypatch, capsys):
+    """Less RAM than the run (the process baseline alone is 0.5 GB) but more than one block at work: the
+    refusal names --stream on; with less than one block, no flag can help and the refusal says so."""
     import d2prune.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "available_ram", lambda: 10_000)
     monkeypatch.setattr(pipeline, "prune", lambda *a, **k: pytest.fail("pruning started"))
-    rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,
-               "--out", str(tmp_path / "out"), "--stream", "off"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "--stream on" in err
-    assert not list(tmp_path.iterdir())
+    for ram, says in ((100_000_000, "--stream on"), (10_000, "one decoder block needs about")):
+        monkeypatch.setattr(pipeline, "available_ram", lambda: ram)
+        rc = main(["-q", "prune", "--model", str(STORIES), "--nsamples", "8", "--seqlen", "128", *COMMON,
+                   "--out", str(tmp_path / "out"), "--stream", "off"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert not list(tmp_path.iterdir())
 
 
 def test_seqlen_max_is_the_full_context(tmp_path):
