@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import METHOD_CONFIGS, MethodConfig, PruneConfig, method_config, method_fields
-from .io.data import windows_arg
+from .io.data import count_arg, windows_arg
 from .errors import D2PruneError, UnknownOptionError
 from .pipeline import DataConfig
 from .evaluation.zeroshot import DEFAULT_BATCH_SIZE
@@ -246,21 +246,11 @@ def add_diagnose_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--json", default=None, help="JSON path (default PRUNED/attention.json)")
 
 
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a positive integer")
-    return n
-
-
 def add_demo_arguments(d: argparse.ArgumentParser) -> None:
     # 0 would silently mean the default (the demo's own sizes): refused like every other count
-    d.add_argument("--nsamples", type=_positive, default=None, help="calibration samples (default 16)")
-    d.add_argument("--seqlen", type=_positive, default=None, help="tokens per sample and window (default 512)")
-    d.add_argument("--eval-windows", type=_positive, default=None, help="WikiText-2 windows evaluated (default 16)")
+    d.add_argument("--nsamples", type=count_arg, default=None, help="calibration samples (default 16)")
+    d.add_argument("--seqlen", type=count_arg, default=None, help="tokens per sample and window (default 512)")
+    d.add_argument("--eval-windows", type=count_arg, default=None, help="WikiText-2 windows evaluated (default 16)")
 
 
 def add_compress_arguments(c: argparse.ArgumentParser) -> None:

@@ -247,16 +247,21 @@ def windows_arg(value: str) -> int | None:
     """``--eval-windows`` of every command (prune, eval, finetune): a number
     of windows >= 1, or ``all`` (None: every window). 0 is refused rather
     than read as "all" by one command and as an error by another."""
-    import argparse
-
     if value.strip().lower() in ("all", "none"):
         return None
+    return count_arg(value, "a number of windows: give N >= 1, or all for every window")
+
+
+def count_arg(value: str, what: str = "a positive integer") -> int:
+    """A command-line count: an integer >= 1, else argparse's one-line error ``VALUE is WHAT``."""
+    import argparse
+
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of windows: give N >= 1, or all for every window")
+        raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
     return n
 
 
