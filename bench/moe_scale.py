@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -96,10 +97,11 @@ def block_shapes(s: dict, i: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]], real=None) -> int:
     """A safetensors file whose tensors are all zero, written as a sparse file
     (header only; the data are holes): a checkpoint of the right layout and
-    size that costs no disk, for runs that must be refused before reading it."""
+    size that costs no disk, for runs that must be refused before reading it.
+    ``real(name, shape)``: a tensor to write for ``name`` instead (None: a hole)."""
     header, offset = {}, 0
     for name, shp in shapes.items():
         dtype, size = ("F32", 4) if name.endswith("correction_bias") else ("BF16", 2)
@@ -115,7 +117,18 @@ def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         f.truncate(8 + len(raw) + offset)
+        for name, shp in (shapes.items() if real is not None else ()):
+            t = real(name, shp)
+            if t is not None:
+                f.seek(8 + len(raw) + header[name]["data_offsets"][0])
+                f.write(t.contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
     return offset
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: bool = False,
@@ -125,7 +138,8 @@ def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: boo
 
     s = SHAPES[shape_name]
     folder = Path(folder)
-    stamp = {"shape": shape_name, "blocks": blocks, "seed": seed, "std": 0.0 if sparse else 0.02, "dtype": "bfloat16"}
+    stamp = {"shape": shape_name, "blocks": blocks, "seed": seed, "std": 0.0 if sparse else 0.02, "dtype": "bfloat16",
+             **({"sparse": sparse} if sparse == "experts" else {})}
     marker = folder / "scale-build.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         print(f"build: reusing {folder}")
@@ -147,7 +161,17 @@ def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: boo
     for k, shapes in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         if sparse:
-            total += write_sparse(tmp / fname, shapes)
+            def real(name, shp, k=k):
+                # --sparse experts: every tensor but the routed experts' is real (router, attention, shared
+                # expert, embeddings: the routing and attention are those of random weights), the experts holes
+                if sparse != "experts" or re.search(r"\.experts\.\d+\.", name):
+                    return None
+                if len(shp) == 1:
+                    return torch.ones(shp, dtype=torch.float32 if name.endswith("correction_bias") else torch.bfloat16)
+                gen.manual_seed(seed * 1_000_003 + k * 100_003 + len(name))
+                return torch.empty(shp, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+
+            total += write_sparse(tmp / fname, shapes, real)
             weight_map.update({n: fname for n in shapes})
             continue
         tensors = {}
@@ -184,8 +208,9 @@ def main(argv=None) -> int:
     b.add_argument("--blocks", type=int, default=1)
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--verify", action="store_true")
-    b.add_argument("--sparse", action="store_true",
-                   help="all-zero tensors in sparse files (no disk used): for runs refused before reading weights")
+    b.add_argument("--sparse", nargs="?", const=True, default=False, choices=[True, "experts"],
+                   help="all-zero tensors in sparse files (no disk used): for runs refused before reading weights; "
+                        "--sparse experts: only the routed experts' (the rest random), for groups of experts")
     for name in ("run", "all"):
         r = sub.add_parser(name)
         r.add_argument("--method", default="wanda")
@@ -213,6 +238,9 @@ def main(argv=None) -> int:
         row = scale.run_one(model, method, a.nsamples, a.seqlen, shlex.split(a.extra),
                             a.scratch / "out" / Path(model).name, depth=depth, load="off")
         rows.append(row)
+        if a.cmd == "run":  # one row, to be merged into a table by hand
+            print(scale.table_row(row), end="")
+            print(json.dumps(row, default=str))
         if a.cmd == "all":
             write_markdown(a.md, shlex.join(["python", "bench/moe_scale.py", *(argv or sys.argv[1:])]), rows,
                            started, done=False)

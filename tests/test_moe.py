@@ -374,21 +374,44 @@ def test_nm_that_does_not_divide_an_expert_matrix_names_it():
 
 
 @needs_shared
-def test_a_deepseek_v3_block_that_cannot_fit_is_refused_before_reading(tmp_path, capsys):
+def test_a_deepseek_v3_block_is_read_in_expert_groups_that_fit(tmp_path, capsys):
     """A one-block DeepSeek-V3-shaped checkpoint (256 experts of width 2048, hidden 7168: 22.5 GB of bf16 in the
-    block) written as sparse files: the run stops in one line, naming why, before reading a weight."""
+    block) written as sparse files. Whole, it is refused in one line before a weight is read; the automatic
+    choice reads its experts in the largest groups whose estimate fits 8 GB of RAM (docs/moe.md §4)."""
     import importlib.util
 
     from conftest import C4, ROOT
     from d2prune.cli import main
+    from d2prune.io.budget import GB, estimate, expert_group_size
+    from d2prune.io.streaming import open_model
 
     spec = importlib.util.spec_from_file_location("moe_scale", ROOT / "bench" / "moe_scale.py")
     moe_scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(moe_scale)
     folder = moe_scale.build("deepseek-v3", 1, tmp_path / "ds", sparse=True)
-    assert main(["-q", "prune", "--model", str(folder), "--method", "wanda", "--no-layer-error", "--stream", "on",
-                 "--nsamples", "2", "--seqlen", "32", "--calib-file", str(C4), "--no-eval",
+    assert main(["-q", "prune", "--model", str(folder), "--method", "sparsegpt", "--stream", "on",
+                 "--expert-group", "256", "--nsamples", "2", "--seqlen", "32", "--calib-file", str(C4), "--no-eval",
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("d2prune: error: one decoder block needs about")
+    assert "with its experts read 256 at a time (--expert-group)" in err[-1]
     assert not (tmp_path / "out").exists()
+    opened = open_model(str(folder), "auto", torch.device("cpu"), "on")
+    budgets = {}
+
+    def fits(g: int) -> bool:
+        opened.source.expert_group = g
+        budgets[g] = estimate(opened, 32, 512, torch.device("cpu"), hessians=2)  # SparseGPT, 32 x 512 tokens
+        return budgets[g].host_ram <= 8 * GB
+
+    g = expert_group_size(opened, fits)
+    assert g is not None and 1 <= g < 256 and not fits(g + 1)
+    assert budgets[g].host_ram <= 8 * GB < budgets[g + 1].host_ram
+    holds = {}
+
+    def fits_wanda(k: int) -> bool:  # no Hessian at all: larger groups
+        opened.source.expert_group = k
+        holds[k] = estimate(opened, 32, 512, torch.device("cpu"), hessians=0).host_ram
+        return holds[k] <= 8 * GB
+
+    assert expert_group_size(opened, fits_wanda) > g

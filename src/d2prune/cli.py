@@ -191,9 +191,17 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
                      help="each expert's statistics from the calibration tokens its router sends to it (routed), "
                           "those tokens weighted by their gate weights (weighted: g^2 in the statistics), or every "
                           "token (all; the block's output stays the routed one)")
+    moe.add_argument("--expert-group", default="auto", type=_expert_group,
+                     help="streamed: a MoE block's experts read, pruned and written this many at a time, for blocks "
+                          "larger than RAM (auto: whole blocks when one fits, else the largest group that fits; "
+                          "docs/moe.md §4)")
     moe.add_argument("--moe-min-tokens", type=int, default=64,
                      help="routed: an expert sent fewer calibration tokens than this gets all-token statistics "
                           "(recorded per expert in d2prune.json; 0: never)")
+
+
+def _expert_group(value: str) -> int | str:
+    return value if value == "auto" else count_arg(value, "a number of experts: give N >= 1, or auto")
 
 
 def add_eval_arguments(e: argparse.ArgumentParser) -> None:
@@ -320,7 +328,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       calib_images=args.calib_images, eval_images=args.eval_images)
     zs = zeroshot_options(args) if args.zero_shot else None
     record = run(args.model, config, data, OutputConfig(args.out, args.overwrite, args.save_format),
-                 RunOptions(args.dtype, args.stream, args.offload_activations, args.restart), zero_shot=zs)
+                 RunOptions(args.dtype, args.stream, args.offload_activations, args.restart, args.expert_group), zero_shot=zs)
     if "rank" in record:  # another process of a torchrun job: rank 0 reports
         return 0
     if args.json:

@@ -22,7 +22,8 @@ from .io.modeling import (check_seqlen, default_seqlen, image_classifier_class, 
                        resolve_source)
 from .pruning import PruneReport, prune
 from .engine import distributed
-from .io.budget import Writes, auto_offload, bytes_under, check_fits, estimate, side_files_bytes
+from .io.experts import experts_modules
+from .io.budget import Writes, auto_offload, bytes_under, check_fits, estimate, expert_group_size, side_files_bytes
 from .io.source import ActivationStore
 from .io.resume import WorkFolder, files_digest, tensor_digest
 from .io.save import RECORD_NAME, check_output_dir, library_versions, save_pruned
@@ -137,6 +138,7 @@ class RunOptions:
     stream: str = "auto"
     offload: str | None = None
     restart: bool = False
+    expert_group: int | str = "auto"  # streamed MoE blocks: experts per group (auto: only when a block does not fit)
 
 
 @dataclass
@@ -244,6 +246,11 @@ def _open(model_name: str | None, options: RunOptions, device: torch.device, inp
     if zero_shot is not None and opened.streamed:
         raise D2PruneError("zero-shot evaluation needs the whole model in memory: drop --zero-shot (evaluate the "
                            "saved folder with d2prune eval where it fits) or use --stream off")
+    if isinstance(options.expert_group, int):
+        if not opened.streamed:
+            raise D2PruneError(f"--expert-group {options.expert_group} reads a block's experts from disk a group at a "
+                               f"time: it needs --stream on ({opened.description} is loaded in memory)")
+        opened.source.expert_group = options.expert_group
     return opened
 
 
@@ -285,9 +292,28 @@ def _plan_memory(opened, config: PruneConfig, data: DataConfig, cal: Calibration
             log.info("activations (%.2f GB) offloaded to %s: the device would run out of memory otherwise",
                      budget.activations / 1e9, "host RAM" if offload == "cpu" else "memory-mapped files")
             budget = estimate(*args, offload, whole, writes)
+    ram = available_ram()
+    has_experts = any(experts_modules(b) for b in opened.source.blocks.layers)
+    if options.expert_group == "auto" and opened.streamed and max(budget.block, budget.host_ram) > ram:
+        # a block larger than RAM: its experts read, pruned and written in groups (docs/moe.md §4)
+        def fits(g: int) -> bool:
+            opened.source.expert_group = g
+            b = estimate(*args, offload, whole, writes)
+            return max(b.block, b.host_ram) <= ram
+
+        group = expert_group_size(opened, fits)
+        opened.source.expert_group = group or (1 if has_experts else None)  # not even one: refused below, as such
+        if opened.source.expert_group is not None:
+            budget = estimate(*args, offload, whole, writes)
+        if group is not None:
+            log.info("one block does not fit in RAM whole: its experts are read, pruned and written %d at a time "
+                     "(--expert-group)", group)
     # an interrupted run's work folder is already on disk (and resumed, or removed by --restart)
     held = bytes_under(WorkFolder(out, {}).path) if out is not None else 0
-    check_fits(budget, device, out, available_ram(), opened.streamed, held)
+    group = getattr(opened.source, "expert_group", None)
+    experts = (f", with its experts read {group} at a time (--expert-group)" if group else
+               "; --stream on would read its experts in groups" if has_experts and not opened.streamed else "")
+    check_fits(budget, device, out, ram, opened.streamed, held, experts)
     return budget, offload
 
 
@@ -409,7 +435,9 @@ def _record(opened, config: PruneConfig, data: DataConfig, seqlen: int, report: 
         "memory": {"streamed": opened.streamed, "storage_dtype": str(opened.storage_dtype).removeprefix("torch."),
                    "compute_dtype": str(opened.source.compute_dtype or opened.storage_dtype).removeprefix("torch."),
                    "estimate": budget.to_dict(), "resumed_from_block": report.resumed_from,
-                   "offload_activations": opened.source.activations.kind},
+                   "offload_activations": opened.source.activations.kind,
+                   # experts per group where a block's MoE experts were read in groups (docs/moe.md §4), else null
+                   "expert_group": getattr(opened.source, "expert_group", None)},
     }
 
 

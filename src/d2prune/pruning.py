@@ -25,6 +25,7 @@ from .engine.calibration import (IGNORED, CalibrationOptions, LayerReport, Prune
                                  find_search, prune_layers, resume_point, save_block)
 from .config import PruneConfig, Sparsity, to_dict
 from .engine.sequential import BlockInputs, check_finite, propagate, sequential
+from .engine.expert_groups import grouped_modules, prune_block_in_groups
 from .io.source import BlockSource
 from .errors import D2PruneError
 from .engine.method import Method, build_method
@@ -104,11 +105,19 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
     propagated in turn; with ``run.work``, every finished block is saved and an
     interrupted run continues after the last one saved."""
     out = PruneOutcome()
+    grouped: set[int] = set()  # blocks whose experts went in groups (their work file is written already)
 
     @torch.no_grad()
     def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
             propagate(block, i, inputs)
+            return
+        if grouped_modules(block):  # experts too large for RAM at once: a group at a time, written as done
+            timing = {"calib": 0.0}
+            out.layers.extend(prune_block_in_groups(run, method, i, block, inputs, timing))
+            out.calib_seconds += timing["calib"]
+            grouped.add(i)
+            check_finite(inputs.hidden, f"the outputs of pruned block {i}")
             return
         layers = run.layers(block, i)
         if not layers.layers:  # every Linear of the block kept dense (--ignore / --targets)
@@ -125,7 +134,7 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
         check_finite(inputs.hidden, f"the outputs of pruned block {i}")
 
     def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        save_block(run, i, block, out.layers, method.state())
+        save_block(run, i, block, out.layers, method.state(), written=i in grouped)
 
     if sparsity.ratio > 0:
         out.resumed_from = resume_point(run, method, out.layers)
@@ -201,6 +210,11 @@ def _prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: 
     method.prepare(model, calibration, device)
     run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work,
                    heldout_labels, config.prunes if config.targets or config.ignore else None)
+    # a streamed block too large for RAM has its experts read, pruned and written in groups (docs/moe.md §4)
+    in_groups = any(getattr(source, "in_groups", lambda i: {})(i) for i in range(len(blocks)))
+    if in_groups and config.allocation == "owl" and sparsity.ratio > 0:
+        raise D2PruneError("--allocation owl scores every block whole before pruning, and this model's experts are "
+                           "read in groups: use --allocation uniform")
     allocation = None
     if config.allocation == "owl" and sparsity.ratio > 0:
         # one dense pass before any block is pruned (a resumed run recomputes it from the dense
@@ -210,6 +224,9 @@ def _prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: 
         allocation = owl_allocation(run, sparsity, config.owl_m, config.owl_lambda)
         method.block_sparsity = {i: allocation.sparsity(i) for i in range(len(blocks))}
     search = find_search(method) if sparsity.ratio > 0 else None  # after the allocation: candidates copy it
+    if search is not None and in_groups:
+        raise D2PruneError(f"{config.method.name} with this setting prunes every block several times (a search over "
+                           "candidates), and this model's experts are read in groups: give --frozen q, k, v or none")
     outcome = search.run(run) if search is not None else prune_blocks(run, method, sparsity)
     if allocation is not None:
         outcome.summary["allocation"] = allocation.to_dict()

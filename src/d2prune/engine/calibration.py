@@ -280,9 +280,6 @@ def _choose_expert_statistics(block: nn.Module, experts: list, index: int, input
             st.all_tokens = set(range(st.layout.num_experts))
             st.reason = {e: "all tokens" for e in st.all_tokens}
         return
-    if options.moe_min_tokens <= 0:
-        _label_weighted(experts, options)
-        return
     counting = CountingPass(len(experts))
     for st in experts:
         st.counting = counting
@@ -298,14 +295,24 @@ def _choose_expert_statistics(block: nn.Module, experts: list, index: int, input
             st.counting = None
     for st in experts:
         _sum_counts(st, hidden.device)  # every process's samples count
-        low = (st.counts < options.moe_min_tokens).nonzero().flatten().tolist()
-        st.all_tokens = set(low)
-        st.reason = {e: f"all tokens (routed {int(st.counts[e])} < {options.moe_min_tokens})" for e in low}
+        few_tokens_fallback(st, options)
         st.counts.zero_()
-    _label_weighted(experts, options)
+    label_weighted(experts, options)
 
 
-def _label_weighted(experts: list, options: CalibrationOptions) -> None:
+def few_tokens_fallback(st, options: CalibrationOptions) -> None:
+    """The experts the router sent fewer than ``moe_min_tokens`` tokens
+    (``st.counts``) get all-token statistics, with the reason recorded. One
+    sent none gets them whatever ``moe_min_tokens`` says (even 0): it has no
+    statistics at all, and an OBS-style method would zero every weight of an
+    input it never saw - the whole expert (docs/moe.md §2)."""
+    low = (st.counts < max(1, options.moe_min_tokens)).nonzero().flatten().tolist()
+    st.all_tokens = set(low)
+    st.reason = {e: (f"all tokens (routed {int(st.counts[e])} < {options.moe_min_tokens})" if st.counts[e]
+                     else "all tokens (routed none)") for e in low}
+
+
+def label_weighted(experts: list, options: CalibrationOptions) -> None:
     if options.moe_calibration == "weighted":
         for st in experts:
             st.reason = {e: st.reason.get(e, "routed, gate-weighted") for e in range(st.layout.num_experts)}
@@ -313,13 +320,15 @@ def _label_weighted(experts: list, options: CalibrationOptions) -> None:
 
 @torch.no_grad()
 def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watchers: dict[str, list[LayerPruner]],
-              options: CalibrationOptions, hidden: Tensor | None = None, nsamples: int | None = None) -> BlockObserver:
+              options: CalibrationOptions, hidden: Tensor | None = None, nsamples: int | None = None,
+              experts: list | None = None) -> BlockObserver:
     """Dense calibration pass of the block over ``hidden[:nsamples]`` (default:
     ``inputs.hidden``, every sample); ``watchers``: the wrappers of each layer
-    whose statistics to collect (several per layer in a search)."""
+    whose statistics to collect (several per layer in a search); ``experts``:
+    the experts modules whose statistics this pass collects (default: all of the block's)."""
     hidden = inputs.hidden if hidden is None else hidden
     n = hidden.shape[0] if nsamples is None else nsamples
-    experts = [m._d2prune_experts for m in routed_modules(block)]
+    experts = [m._d2prune_experts for m in (routed_modules(block) if experts is None else experts)]
     if experts:
         _choose_expert_statistics(block, experts, layers.index, inputs, hidden, n, options)
     param = next(block.parameters(), None)  # statistics live with the block (activations may be offloaded)
@@ -331,7 +340,13 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
     for st in experts:  # what each expert's statistics came from, for the report; propagation is routed only
         _sum_counts(st, hidden.device)
         st.calib_counts, st.all_tokens, st.weighted = st.counts.clone(), set(), False
-    if distributed.active():  # every process's samples count: statistics combined before any mask is chosen
+    merge_statistics(obs, watchers)
+    return obs
+
+
+def merge_statistics(obs: BlockObserver, watchers: dict[str, list[LayerPruner]]) -> None:
+    """Every process's samples count: statistics combined before any mask is chosen (torchrun)."""
+    if distributed.active():
         for st in {id(st): st for st in obs.stats.values()}.values():
             for acc in st.acc.values():
                 distributed.merge(acc, acc.merge_fields)
@@ -339,7 +354,6 @@ def calibrate(block: nn.Module, layers: BlockLayers, inputs: BlockInputs, watche
             for p in pruners:
                 for o in p.observers():
                     distributed.merge(o, o.merge_fields)
-    return obs
 
 
 @torch.no_grad()
@@ -456,13 +470,15 @@ def resume_point(run: PruneRun, method: Method, rows: list[LayerReport]) -> int:
 
 
 def save_block(run: PruneRun, i: int, block: nn.Module, rows: list[LayerReport], method_state: dict,
-               extra: dict | None = None) -> None:
+               extra: dict | None = None, written: bool = False) -> None:
     """Block ``i`` is finished: its weights go to the resume folder (a streamed
-    model reads it back from there) and the run's state is committed."""
+    model reads it back from there; ``written``: they are there already) and
+    the run's state is committed."""
     if run.work is None or not run.work.writer:
         return
-    run.work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
-    run.source.saved(i, run.work.block_path(i))
+    if not written:
+        run.work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
+        run.source.saved(i, run.work.block_path(i))
     run.work.commit(i + 1, [to_dict(r) for r in rows], method_state, extra)
 
 

@@ -12,6 +12,8 @@
    observers; every Linear is pruned by the method's thin wrapper; a second
    pass through the pruned block produces the next block's inputs, written in
    place into the single activation buffer (N samples held once).
+   A block whose MoE experts are read in groups (docs/moe.md §4) is
+   propagated a group of experts at a time (:func:`propagate_in_groups`).
 3. :func:`sequential_logits` runs the same machinery without pruning and
    finishes with the model's own head (final norm, lm_head) - used to check
    the engine against the model's own forward and to evaluate models that do
@@ -33,6 +35,8 @@ from tqdm.auto import tqdm
 
 from ..errors import D2PruneError
 from ..io.source import ActivationStore, BlockSource
+from ..io.experts import routed_modules
+from ..io.streaming import trim_heap
 from ..io.modeling import STORAGE_DTYPE, Blocks, all_finite, find_blocks
 
 log = logging.getLogger(__name__)
@@ -265,11 +269,138 @@ def sequential(model: nn.Module, input_ids: Tensor, device: torch.device, step: 
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, i: int, inputs: BlockInputs, batch: int = 1) -> None:
+def propagate(block: nn.Module, i: int, inputs: BlockInputs, batch: int = 1, grouped: bool = True) -> None:
     """Overwrite ``inputs.hidden`` with this block's outputs, sample by sample
-    (``batch`` > 1: several samples per forward where they share their call)."""
+    (``batch`` > 1: several samples per forward where they share their call).
+    A block whose experts are read in groups is done a group at a time
+    (:func:`propagate_in_groups`)."""
+    if grouped:
+        if grouped_modules(block):
+            propagate_in_groups(block, i, inputs, batch)
+            return
     for j0, j1 in sample_batches(inputs, i, inputs.hidden.shape[0], batch):
         inputs.hidden[j0:j1] = run_block(block, inputs.hidden[j0:j1], inputs.calls[i][j0], inputs)
+
+
+# --------------------------------------------------------------------------- experts in groups
+def grouped_modules(block: nn.Module) -> list[nn.Module]:
+    """The experts modules of an opened block whose experts are read in groups."""
+    return [m for m in routed_modules(block) if m._d2prune_experts.groups is not None]
+
+
+class _Recorder:
+    """Stands in for one experts module's computation during a pass over the
+    block: keeps each call's input rows (in one activation-store buffer for
+    all the block's tokens), routed experts and gate weights, and returns zeros."""
+
+    def __init__(self, inputs: BlockInputs, key: int, rows: int, width: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = inputs.store.scratch(("experts-in", key), (rows, width), dtype, device)
+        self.calls: list[tuple[int, int, Tensor, Tensor]] = []  # (first row, rows, top_k_index, top_k_weights)
+        self.used = 0
+
+    def __call__(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        n = x.shape[0]
+        if self.used + n > self.buffer.shape[0]:
+            raise D2PruneError("the experts received more tokens than the calibration samples hold: "
+                               "this model's experts cannot be processed in groups")
+        self.buffer[self.used:self.used + n] = x
+        self.calls.append((self.used, n, top_k_index.detach().clone(), top_k_weights.detach().clone()))
+        self.used += n
+        return torch.zeros_like(x)
+
+    def replay(self, module: nn.Module, device: torch.device, out: Tensor | None = None) -> None:
+        """Every recorded call through ``module``'s active experts (their
+        outputs added to ``out``'s rows when given, else dropped)."""
+        state = module._d2prune_experts
+        for k, (r0, n, idx, w) in enumerate(self.calls):
+            x = self.buffer[r0:r0 + n].to(device)
+            acc = None if out is None else out[r0:r0 + n].to(device)
+            state.out = acc
+            try:
+                module(x, idx.to(device), w.to(device))
+            finally:
+                state.out = None
+            if acc is not None and acc.data_ptr() != out[r0:r0 + n].data_ptr():
+                out[r0:r0 + n] = acc.to(out.device)
+            yield k
+
+
+class _Replay:
+    """Stands in for an experts module's computation by returning, call after
+    call, the outputs summed group by group."""
+
+    def __init__(self, recorder: _Recorder, out: Tensor):
+        self.recorder, self.out, self.k = recorder, out, 0
+
+    def __call__(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        r0, n, _, _ = self.recorder.calls[self.k]
+        self.k += 1
+        return self.out[r0:r0 + n].to(device=x.device, dtype=x.dtype)
+
+
+def make_recorders(block: nn.Module, modules: list[nn.Module], inputs: BlockInputs) -> dict[nn.Module, _Recorder]:
+    hidden = inputs.hidden
+    param = next((p for p in block.parameters() if p.device.type != "meta"), None)
+    device = param.device if param is not None else hidden.device
+    rows = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    dtype = param.dtype if param is not None else hidden.dtype
+    out = {}
+    for k, m in enumerate(modules):
+        out[m] = _Recorder(inputs, k, rows, _hidden_width(m), dtype, device)
+    return out
+
+
+def _hidden_width(module: nn.Module) -> int:
+    """The width of the rows an experts module reads (its up projection's input)."""
+    state = module._d2prune_experts
+    p = state.groups.meta[state.layout.up]
+    return p.shape[1] if state.layout.transposed else p.shape[2]
+
+
+@torch.no_grad()
+def _record(block: nn.Module, i: int, inputs: BlockInputs, batch: int, recorders: dict[nn.Module, _Recorder]) -> None:
+    """One pass over the samples with the recorders in place (the block's outputs are dropped)."""
+    for m, rec in recorders.items():
+        m._d2prune_experts.intercept = rec
+    try:
+        for j0, j1 in sample_batches(inputs, i, inputs.hidden.shape[0], batch):
+            run_block(block, inputs.hidden[j0:j1], inputs.calls[i][j0], inputs)
+    finally:
+        for m in recorders:
+            m._d2prune_experts.intercept = None
+
+
+
+@torch.no_grad()
+def propagate_in_groups(block: nn.Module, i: int, inputs: BlockInputs, batch: int = 1,
+                        recorders: dict[nn.Module, "_Recorder"] | None = None) -> None:
+    """Overwrite ``inputs.hidden`` with block ``i``'s outputs, its grouped
+    experts computed a group at a time (module docstring, step 3)."""
+    modules = grouped_modules(block)
+    recorders = recorders or make_recorders(block, modules, inputs)
+    for rec in recorders.values():
+        rec.calls, rec.used = [], 0
+    _record(block, i, inputs, batch, recorders)
+    sums = {}
+    for k, (m, rec) in enumerate(recorders.items()):
+        st = m._d2prune_experts
+        out = inputs.store.scratch(("experts-out", k), tuple(rec.buffer.shape), rec.buffer.dtype, rec.buffer.device)
+        out[:rec.used].zero_()
+        device = next(p for p in block.parameters() if p.device.type != "meta").device
+        for experts in st.groups.ranges():
+            st.groups.load(experts)
+            for _ in rec.replay(m, device, out):
+                pass
+            st.groups.unload()
+            trim_heap()
+        sums[m] = _Replay(rec, out)
+    for m, replay in sums.items():
+        m._d2prune_experts.intercept = replay
+    try:
+        propagate(block, i, inputs, batch, grouped=False)
+    finally:
+        for m in sums:
+            m._d2prune_experts.intercept = None
 
 
 def _same_call(a: object, b: object) -> bool:

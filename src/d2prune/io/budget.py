@@ -141,6 +141,45 @@ def expert_gram_elements(block) -> int:
         return sum(in_features(m) ** 2 for m in views)
 
 
+def _grouped_share(block, group: int | None) -> dict:
+    """``{3-D expert parameter: share of it held at once}`` when a block's experts are read ``group`` at a time."""
+    if not group:
+        return {}
+    from .experts import experts_modules, fused_matrices
+
+    out = {}
+    for m in experts_modules(block).values():
+        for n in fused_matrices(m):
+            p = m._parameters[n]
+            out[p] = min(1.0, group / p.shape[0])
+    return out
+
+
+def _experts_of(block, params: set[int]) -> list:
+    from .experts import experts_modules
+
+    return [m for m in experts_modules(block).values() if any(id(p) in params for p in m.parameters(recurse=False))]
+
+
+def expert_group_size(opened, fits) -> int | None:
+    """The largest number of experts per group for which ``fits(budget)``
+    (a streamed model's blocks larger than RAM, docs/moe.md §4); None when
+    the model has no grouped experts or not even one expert at a time fits."""
+    from .experts import experts_modules, fused_matrices
+
+    sizes = [m._parameters[n].shape[0] for b in opened.source.blocks.layers for m in experts_modules(b).values()
+             for n in fused_matrices(m)]
+    if not sizes or not opened.streamed:
+        return None
+    lo, hi = 1, max(sizes)
+    if not fits(lo):
+        return None
+    while lo < hi:  # the needs grow with the group: the largest that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: int, activation_buffers: int = 1,
              offload: str | None = None, whole_model_per_weight: int = 0, writes: Writes | None = None) -> Budget:
     """Peak needs of pruning ``opened`` (a :class:`d2prune.io.streaming.OpenedModel`)
@@ -151,10 +190,15 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: 
     model, blocks = opened.model, opened.source.blocks
     compute = opened.source.compute_dtype or opened.storage_dtype
     c_bytes = torch.empty((), dtype=compute).element_size()
-    block0 = blocks[0]
+    block0 = max(blocks.layers, key=lambda b: sum(p.numel() for p in b.parameters()))  # the largest (MoE, not dense)
+    # experts read in groups (docs/moe.md §4): a group's share of the fused expert parameters is held at a time
+    group = getattr(opened.source, "expert_group", None)
+    grouped = _grouped_share(block0, group)
     block_params = list(block0.parameters())
-    block_storage = _nbytes(block_params)
-    block_compute = _nbytes(block_params, compute)
+    in_groups = {id(p) for p in grouped}
+    share = {id(p): f for p, f in grouped.items()}
+    block_storage = sum(_nbytes([p]) * share.get(id(p), 1.0) for p in block_params)
+    block_compute = sum(_nbytes([p], compute) * share.get(id(p), 1.0) for p in block_params)
     layers = find_prunable(block0)
     widest = max((in_features(m) for m in layers.values()), default=0)
     largest = max((weight_matrix(m).numel() if m.weight.device.type != "meta" else m.weight.numel()
@@ -162,8 +206,10 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: 
     # the Hessian(s) of the widest input, and a few fp32 working copies of the largest weight matrix
     stats = hessians * widest * widest * 4 + 3 * largest * 4
     if hessians:  # + every MoE expert's Hessians, all held from the block's calibration pass until it is pruned
-        stats += 4 * expert_gram_elements(block0)
+        stats += 4 * expert_gram_elements(block0) * (min(grouped.values()) if grouped else 1.0)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    # a grouped experts module's recorded inputs and summed outputs live beside the activations
+    activation_buffers += 2 * len({id(m) for m in _experts_of(block0, in_groups)})
     acts = activation_buffers * samples * seqlen * hidden * c_bytes
     in_blocks = {id(p) for b in blocks.layers for p in b.parameters()}
     outside = [p for p in model.parameters() if id(p) not in in_blocks]  # embeddings, final norm, head
@@ -172,7 +218,13 @@ def estimate(opened, samples: int, seqlen: int, device: torch.device, hessians: 
     # the block as read (pages of the memory-mapped shard count in RSS), its compute copy and statistics
     working = 2 * block_storage + (block_compute + stats if on_cpu else 0)
     if opened.streamed:  # the outside is read only for the capture and the head, not during the block loop
-        host = max(_nbytes(outside, compute if on_cpu else None), working)
+        # (embeddings and head stay in their storage dtype: io/source.py outside_on_device)
+        big = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(False)}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        big |= {id(p) for p in (head.parameters(False) if head is not None else ())}
+        held = _nbytes([p for p in outside if id(p) in big]) + \
+            _nbytes([p for p in outside if id(p) not in big], compute if on_cpu else None)
+        host = max(held, working)
     else:
         host = model_bytes + working
     host += (acts if (on_cpu or offload == "cpu") else 0) + PROCESS_BASELINE
@@ -203,20 +255,20 @@ def bytes_under(folder: Path) -> int:
 
 
 def check_fits(budget: Budget, device: torch.device, scratch: str | Path | None, available_ram: int,
-               streamed: bool, held: int = 0) -> None:
+               streamed: bool, held: int = 0, experts: str = "") -> None:
     """Log the estimate; refuse (one line, naming the flag) when it cannot fit.
     ``scratch``: the output folder (None: the files go to the temporary
     folder); ``held``: bytes of the estimate already on disk there (the work
-    folder of an interrupted run, resumed or discarded)."""
+    folder of an interrupted run, resumed or discarded); ``experts``: how the
+    block's MoE experts were read, for the message when even that cannot fit."""
     log.info("estimated peak: host RAM %.2f GB (%.2f GB available), device %.2f GB, scratch disk %.2f GB "
              "(activations %.2f GB)", budget.host_ram / GB, available_ram / GB, budget.device_memory / GB,
              budget.scratch_disk / GB, budget.activations / GB)
-    if budget.block > available_ram:  # no flag helps: the unit of work itself does not fit
+    if budget.block > available_ram:  # the unit of work itself does not fit
         raise D2PruneError(
             f"one decoder block needs about {budget.block / GB:.1f} GB of host RAM at work (its weights as read and "
-            f"in the compute dtype, and its statistics: every MoE expert's at once) but {available_ram / GB:.1f} GB "
-            "are available: use a machine with more RAM or a GPU (pruning a block's experts in groups is not "
-            "supported yet)")
+            f"in the compute dtype, and its statistics) but {available_ram / GB:.1f} GB are available"
+            f"{experts}: use a machine with more RAM or a GPU")
     if budget.host_ram > available_ram:
         hint = "--offload-activations disk, fewer --nsamples or a smaller --seqlen" if streamed else \
             "--stream on (blocks read from disk one at a time), fewer --nsamples or a smaller --seqlen"

@@ -31,6 +31,13 @@ block's output staying the routed one; ``weighted`` takes the routed tokens
 with each token's rows scaled by its gate weight (statistics weighted by g^2). An expert routed fewer than
 ``min_tokens`` calibration tokens gets all-token statistics (recorded per
 expert with its routed token count).
+
+A block too large for host RAM has its experts read in groups
+(:mod:`d2prune.engine.expert_groups`, docs/moe.md §4): the fused parameters
+then hold only experts ``offset ... offset + g - 1``, ``active`` says which
+experts :func:`routed_forward` computes, ``out`` is the running sum it adds
+them to, and ``intercept`` replaces the experts' computation altogether (to
+record their inputs, or to return their output computed group by group).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import inspect
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -153,10 +160,11 @@ class ExpertLinear(nn.Module):
     def owner(self) -> nn.Module:
         return self._owner[0]
 
-    def select(self, t: Tensor) -> Tensor:
+    def select(self, t: Tensor, offset: int = 0) -> Tensor:
         """This expert's ``[d_out, d_in]`` matrix out of a tensor laid out like
-        the fused parameter (the weight itself, its gradient, a mask)."""
-        m = t[self.expert]
+        the fused parameter (the weight itself, its gradient, a mask), whose
+        first expert is ``offset``."""
+        m = t[self.expert - offset]
         if self.transposed:
             m = m.t()
         return m if self.rows is None else m[self.rows]
@@ -168,7 +176,7 @@ class ExpertLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         p = self.source
-        w = self.select(p)
+        w = self.select(p, self.owner._d2prune_experts.offset)  # a group of experts: its first one is at 0
         storage = getattr(p, STORAGE_DTYPE, None)
         if storage is not None:  # the dtype the block is saved in (a bf16 block computing in fp32)
             setattr(w, STORAGE_DTYPE, storage)
@@ -252,6 +260,12 @@ class RoutedExperts:
     reason: dict[int, str] = field(default_factory=dict)  # expert -> where its statistics come from, if not routed
     weighted: bool = False  # --moe-calibration weighted: statistics of routed tokens scaled by their gate weights
     scale: dict[int, Tensor] = field(default_factory=dict)  # expert -> its current tokens' gate weights
+    # experts read in groups (docs/moe.md §4): the 3-D parameters hold experts offset ... offset + g - 1
+    offset: int = 0
+    active: range | None = None  # the experts routed_forward computes (None: all)
+    out: Tensor | None = None  # the running sum the experts' outputs are added to (None: a new zero tensor)
+    intercept: "Callable[[Tensor, Tensor, Tensor], Tensor] | None" = None  # replaces the experts' computation
+    groups: "ExpertGroups | None" = None  # set by a block source that reads these 3-D parameters in groups
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.layout.num_experts, dtype=torch.long)
@@ -263,6 +277,56 @@ class RoutedExperts:
         if self.calib_counts is None:
             return None
         return self.reason.get(e, "routed")
+
+
+class ExpertGroups:
+    """How an experts module whose 3-D parameters stay on disk (the meta
+    device) reads them one group of ``size`` experts at a time: ``read(name,
+    e0, e1)`` gives rows ``e0:e1`` of parameter ``name`` (in its storage
+    dtype), :meth:`load` puts them in the module - on ``device``, in
+    ``compute_dtype`` - and :meth:`unload` gives them back."""
+
+    def __init__(self, module: nn.Module, size: int, read: "Callable[[str, int, int], Tensor]",
+                 device: torch.device, compute_dtype: torch.dtype | None):
+        self.module, self.size, self.read = module, size, read
+        self.device, self.compute_dtype = device, compute_dtype
+        self.names = fused_matrices(module)
+        self.meta = {n: module._parameters[n] for n in self.names}
+
+    @property
+    def num_experts(self) -> int:
+        return self.meta[self.names[0]].shape[0]
+
+    def ranges(self) -> list[range]:
+        E = self.num_experts
+        return [range(e0, min(E, e0 + self.size)) for e0 in range(0, E, self.size)]
+
+    def load(self, experts: range) -> None:
+        state: RoutedExperts = self.module._d2prune_experts
+        for n in self.names:
+            t = self.read(n, experts.start, experts.stop).to(self.meta[n].dtype)
+            storage = t.dtype
+            if self.compute_dtype is not None and t.is_floating_point():
+                t = t.to(self.compute_dtype)
+            p = nn.Parameter(t.to(self.device), requires_grad=False)
+            if p.dtype != storage:
+                setattr(p, STORAGE_DTYPE, storage)
+            self.module._parameters[n] = p
+        state.offset, state.active = experts.start, experts
+
+    def loaded(self, storage: bool = True) -> dict[str, Tensor]:
+        """The loaded group's rows of each parameter (in the storage dtype: as they will be saved)."""
+        out = {}
+        for n in self.names:
+            p = self.module._parameters[n]
+            out[n] = p.detach().to(getattr(p, STORAGE_DTYPE, p.dtype)) if storage else p.detach()
+        return out
+
+    def unload(self) -> None:
+        state: RoutedExperts = self.module._d2prune_experts
+        for n in self.names:
+            self.module._parameters[n] = self.meta[n]
+        state.offset, state.active = 0, None
 
 
 @dataclass
@@ -300,8 +364,12 @@ def routed_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, 
         if state.counting.seen >= state.counting.modules:
             raise StopForward
         return torch.zeros_like(hidden_states)
-    out = torch.zeros_like(hidden_states)
-    for e in range(E):
+    if state.intercept is not None:
+        return state.intercept(hidden_states, top_k_index, top_k_weights)
+    # (a group of experts adds to the sum of the groups before it: the same float operations, in the same
+    # order, as all experts at once)
+    out = torch.zeros_like(hidden_states) if state.out is None else state.out
+    for e in (range(E) if state.active is None else state.active):
         routed = int(per_expert[e])
         every = e in state.all_tokens
         if not routed and not every:
@@ -360,3 +428,14 @@ def unfused(root: nn.Module) -> Iterator[list[nn.Module]]:
     finally:
         for m in done:
             uninstall(m)
+
+
+def fused_matrices(module: nn.Module) -> list[str]:
+    """The experts module's 3-D parameters (one matrix per expert along the
+    first dimension): what a group of experts reads and writes."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
+def experts_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """The transformers experts modules under ``root``, by name."""
+    return {n: m for n, m in root.named_modules() if experts_layout(m) is not None}

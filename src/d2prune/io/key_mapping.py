@@ -182,6 +182,52 @@ class KeyMapping:
             out.update(self.build(g, get_many(g.keys), where))
         return {n: out[n] for n in names}
 
+    def read_rows(self, name: str, start: int, stop: int, get_many: Callable[[list[str]], dict[str, Tensor]],
+                  get_rows: Callable[[str, int, int], Tensor], where: str = "") -> Tensor:
+        """Rows ``start:stop`` (experts, along the first dimension) of the 3-D
+        parameter ``name``, equal to ``read([name])[name][start:stop]`` but
+        reading only those experts' checkpoint tensors: one tensor per expert
+        and projection (the per-expert checkpoints: those of the experts
+        asked for, merged by the parameter's own converter), or the rows of a
+        fused checkpoint tensor (``get_rows(key, start, stop)``)."""
+        group = self.groups_of([name])[0]
+        want, dtype = self.wanted[name]
+        if len(group.targets) != 1:
+            raise D2PruneError(f"{where}: {name} is made together with {len(group.targets) - 1} other parameters; "
+                               "its experts cannot be read in groups")
+        by_pattern: dict[str, list[str]] = {}
+        for key, pattern in group.sources:
+            by_pattern.setdefault(pattern, []).append(key)
+        counts = {len(keys) for keys in by_pattern.values()}
+        rows = stop - start
+        if counts == {want[0]}:  # one tensor per expert (in expert order, as from_pretrained stacks them)
+            picked = {k for keys in by_pattern.values() for k in keys[start:stop]}
+            sub = Group(group.target, group.targets, group.converter, [s for s in group.sources if s[0] in picked])
+            tensors = get_many(sub.keys)
+        elif counts == {1}:  # fused in the checkpoint too: its rows
+            sub = group
+            tensors = {k: get_rows(k, start, stop) for k in group.keys}
+        else:
+            raise D2PruneError(f"{where}: {name} is built from {sorted(counts)} checkpoint tensors per source; its "
+                               "experts cannot be read in groups")
+        shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+        cast = {k: t.to(dtype) for k, t in tensors.items()}
+        if sub.converter is None:
+            out = cast[sub.keys[0]]
+        else:
+            conv = copy.deepcopy(sub.converter)
+            for key, pattern in sub.sources:
+                conv.add_tensor(sub.target, key, pattern, cast.pop(key))
+            try:
+                made = conv.convert(sub.target, model=self.model, config=self.model.config)
+            except Exception as e:
+                raise D2PruneError(self._diagnose(sub, shapes, where, e)) from e
+            out = made[name]
+            out = out[0] if isinstance(out, list) else out
+        if tuple(out.shape) != (rows, *want[1:]):
+            raise D2PruneError(self._diagnose(sub, shapes, where, None, name, tuple(out.shape), (rows, *want[1:])))
+        return out
+
     def check(self, shapes: dict[str, tuple[int, ...]], names: Iterable[str], where: str = "") -> None:
         """Every group of ``names`` built on the meta device from the checkpoint
         tensors' shapes (no data read): a missing expert, a tensor of the wrong
@@ -244,6 +290,35 @@ class KeyMapping:
         self.model._weight_conversions = self.conversions
         out = revert_weight_conversion(self.model, dict(tensors))
         return {k: _own(v) for k, v in out.items()}
+
+    def revert_rows(self, tensors: dict[str, Tensor], start: int) -> dict[str, tuple[Tensor, int]]:
+        """:meth:`revert` for rows ``start:`` of 3-D parameters (a group of
+        experts): ``{checkpoint name: (tensor, first row)}``. A checkpoint that
+        keeps one tensor per expert gets those experts' tensors, renamed to
+        their own indices (first row 0); one that keeps the fused tensor gets
+        rows of it, to be written from ``first row`` on."""
+        full = self.revert({n: torch.empty(self.wanted[n][0], dtype=self.wanted[n][1], device="meta") for n in tensors})
+        # where the expert index sits in each per-expert checkpoint name: the number that varies
+        varying: dict[str, int] = {}
+        numbers: dict[str, set] = {}
+        for k in full:
+            t, nums = _template(k)
+            numbers.setdefault(t, set()).add(nums)
+        for t, seen in numbers.items():
+            pos = [j for j in range(len(next(iter(seen)))) if len({s[j] for s in seen}) > 1]
+            if len(pos) == 1:
+                varying[t] = pos[0]
+        out: dict[str, tuple[Tensor, int]] = {}
+        for k, v in self.revert(tensors).items():
+            t, nums = _template(k)
+            if t in varying:
+                j = varying[t]
+                out[_fill(t, nums[:j] + (nums[j] + start,) + nums[j + 1:])] = (v, 0)
+            elif k in full and tuple(full[k].shape[1:]) == tuple(v.shape[1:]):
+                out[k] = (v, start)
+            else:
+                raise D2PruneError(f"{k} cannot be written back one group of experts at a time")
+        return out
 
     def reverted_names(self, names: Iterable[str]) -> list[str]:
         """The checkpoint names :meth:`revert` gives ``names`` (worked out on the meta device)."""

@@ -95,6 +95,17 @@ class ActivationStore:
         if kind == "disk" and folder is None:
             raise D2PruneError("--offload-activations disk needs a folder for its files")
         self.kind, self.folder, self.count = kind, folder, 0
+        self._scratch: dict = {}
+
+    def scratch(self, key: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer kept for ``key`` and handed out again to the next call with
+        the same shape and dtype (one file per key when on disk, however many
+        blocks use it)."""
+        buf = self._scratch.get(key)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+            self._scratch.pop(key, None)
+            buf = self._scratch[key] = self.empty(tuple(shape), dtype, device)
+        return buf
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         if self.kind is None:

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,6 +77,84 @@ def read_safetensors(path: str | os.PathLike, names) -> dict[str, Tensor]:
                 raise D2PruneError(f"{path} is truncated: tensor {name} is incomplete")
             out[name] = t
     return out
+
+
+def read_safetensors_rows(path: str | os.PathLike, name: str, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` (first dimension) of tensor ``name`` of a
+    safetensors file, read straight into a new tensor (they are contiguous)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        info = header.get(name)
+        if info is None:
+            raise D2PruneError(f"tensor {name} is not in {path}")
+        shape = info["shape"]
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise D2PruneError(f"rows {start}:{stop} are not in tensor {name} {shape} of {path}")
+        t = torch.empty([stop - start, *shape[1:]], dtype=_ST_DTYPES[info["dtype"]])
+        row = t[0].numel() * t.element_size() if t.numel() else 0
+        begin = info["data_offsets"][0] + start * row
+        f.seek(8 + n + begin)
+        if t.numel() and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != (stop - start) * row:
+            raise D2PruneError(f"{path} is truncated: tensor {name} is incomplete")
+    return t
+
+
+class SafetensorsWriter:
+    """A safetensors file written piece by piece: the header (every tensor's
+    name, shape and dtype) first, then each tensor's bytes - whole, or rows
+    along its first dimension - at its offset, in any order, so a tensor
+    larger than RAM (the fused experts of a block read in groups) is never
+    held whole. Written to ``path.tmp`` and renamed by :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        rev = {v: k for k, v in _ST_DTYPES.items()}
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        self.specs = {}
+        for name in sorted(specs):
+            shape, dtype = specs[name]
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": rev[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.specs[name] = (tuple(shape), dtype, offset)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.base = 8 + len(raw)
+        self.file = open(self.tmp, "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+        self.file.truncate(self.base + offset)
+        self.left = {name: math.prod(shape) for name, (shape, _, _) in self.specs.items()}
+
+    def write(self, name: str, t: Tensor, start: int = 0) -> None:
+        """``t`` as tensor ``name`` (whole), or as its rows ``start:start + len(t)``."""
+        shape, dtype, offset = self.specs[name]
+        if t.dtype != dtype or tuple(t.shape[1:]) != shape[1:] or (start == 0 and t.dim() != len(shape)) \
+                or start + (t.shape[0] if t.dim() else 1) > (shape[0] if shape else 1):
+            raise D2PruneError(f"cannot write {tuple(t.shape)} {t.dtype} at row {start} of {name} "
+                               f"{list(shape)} {dtype}")
+        row = math.prod(shape[1:]) * t.element_size() if shape else t.element_size()
+        data = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        self.file.seek(self.base + offset + start * row)
+        self.file.write(memoryview(data))
+        self.left[name] -= t.numel()
+
+    def close(self) -> Path:
+        unwritten = [n for n, left in self.left.items() if left]
+        if unwritten:
+            raise D2PruneError(f"{self.path}: tensor {unwritten[0]} was not written whole")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class CheckpointReader:
@@ -130,6 +209,20 @@ class CheckpointReader:
 
     def get(self, name: str) -> Tensor:
         return self.get_many([name])[name]
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of checkpoint tensor ``name`` (the rest is not read)."""
+        if name not in self.files:
+            raise D2PruneError(f"tensor {name} is not in the checkpoint {self.folder}")
+        return read_safetensors_rows(self.files[name], name, start, stop)
+
+    def param_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows (experts) ``start:stop`` of the model's 3-D parameter ``name``:
+        from a finished block's shard, or built from the checkpoint tensors of
+        those experts alone (:meth:`~d2prune.io.key_mapping.KeyMapping.read_rows`)."""
+        if self.mapping is None or name in self.added:
+            return self.get_rows(name, start, stop)
+        return self.mapping.read_rows(name, start, stop, self.get_many, self.get_rows, str(self.folder))
 
     def attach(self, model: nn.Module):
         """Map this checkpoint's tensors to ``model``'s parameters (transformers'
@@ -234,6 +327,11 @@ class CompressedReader(CheckpointReader):
                 out[n] = decompress_matrix({s: got[stored] for s, stored in parts.items()})
         return out
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        if name in self.parts:  # a compressed tensor is decompressed whole, then cut
+            return self.get_many([name])[name][start:stop].clone()
+        return super().get_rows(name, start, stop)
+
     def add(self, path: str | os.PathLike) -> None:
         """A finished (dense) block shard replaces the compressed parts of its
         tensors (written by this run: not checked against the input's checksums)."""
@@ -285,6 +383,11 @@ class GGUFCheckpointReader(CheckpointReader):
         if others:
             out.update(super().get_many(others))
         return {n: out[n] for n in names}
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        if self.files.get(name) == self.path:  # de-quantised whole, then cut
+            return self.get_many([name])[name][start:stop].clone()
+        return super().get_rows(name, start, stop)
 
     def dtypes(self) -> dict[str, torch.dtype]:
         from safetensors import safe_open
@@ -461,9 +564,12 @@ class StreamedBlocks(BlockSource):
     engine needs it (capture, head), so between those moments host RAM holds
     one block, not the 1-2 GB embedding and head of a 128k vocabulary."""
 
-    def __init__(self, blocks: Blocks, reader: CheckpointReader, compute_dtype: torch.dtype | None = None):
+    def __init__(self, blocks: Blocks, reader: CheckpointReader, compute_dtype: torch.dtype | None = None,
+                 expert_group: int | None = None):
         super().__init__(blocks, compute_dtype)
         self.reader = reader
+        # experts per group when a block's MoE experts are read, pruned and written in groups (docs/moe.md §4)
+        self.expert_group = expert_group
         fix_mmap_threshold()
 
     @contextlib.contextmanager
@@ -493,21 +599,62 @@ class StreamedBlocks(BlockSource):
         """``{name in block: name in checkpoint}`` for block ``i``."""
         return {n: f"{self.blocks.prefix}.{i}.{n}" for n, _ in self.blocks[i].named_parameters()}
 
+    def in_groups(self, i: int) -> dict[str, list[str]]:
+        """``{experts module: its 3-D parameters}`` of block ``i`` that are read
+        in groups of experts (none unless ``expert_group`` is set)."""
+        if not self.expert_group:
+            return {}
+        from .experts import experts_modules, fused_matrices
+
+        return {name: fused_matrices(m) for name, m in experts_modules(self.blocks[i]).items() if fused_matrices(m)}
+
     @contextlib.contextmanager
     def open(self, i: int, device: torch.device) -> Iterator[nn.Module]:
         block = self.blocks[i]
+        grouped = self.in_groups(i)
+        on_disk = {f"{m}.{n}" if m else n for m, ns in grouped.items() for n in ns}
         try:
-            names = self.names(i)
+            names = {local: full for local, full in self.names(i).items() if local not in on_disk}
             tensors = _checked(self.reader.params(names.values()))
             for local, full in names.items():
                 _set_param(block, local, tensors.pop(full).to(block.get_parameter(local).dtype))
             placed = place_params(block, device, self.compute_dtype)
             try:
-                yield block
+                with self._groups(i, block, grouped, device):
+                    yield block
             finally:
                 placed.restore()
         finally:
             _release(block)
+
+    @contextlib.contextmanager
+    def _groups(self, i: int, block: nn.Module, grouped: dict[str, list[str]], device: torch.device) -> Iterator[None]:
+        """Block ``i``'s experts modules told how to read their experts a group at a time."""
+        if not grouped:
+            yield
+            return
+        from .experts import ExpertGroups, unfused
+
+        def reader(full: str):
+            def read(name: str, e0: int, e1: int) -> Tensor:
+                key = f"{full}.{name}"
+                return _checked({key: self.reader.param_rows(key, e0, e1)})[key]
+            return read
+
+        with unfused(block):
+            states = []
+            for m in grouped:
+                module = block.get_submodule(m)
+                state = module._d2prune_experts
+                state.groups = ExpertGroups(module, self.expert_group, reader(f"{self.blocks.prefix}.{i}.{m}"), device,
+                                            self.compute_dtype)
+                states.append(state)
+            try:
+                yield
+            finally:
+                for state in states:
+                    state.groups.unload()
+                    state.groups = None
 
     def restore(self, i: int, shard: str | os.PathLike) -> None:
         """Block ``i`` is read from ``shard`` from now on (a finished block)."""
@@ -591,11 +738,7 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
 
                 shutil.copyfile(src, dst)
         else:  # back to the checkpoint's layout (e.g. one tensor per expert), one conversion's parameters at a time
-            tensors = {}
-            for g in mapping.groups_of(names):
-                tensors.update(mapping.revert(read_safetensors(src, [t for t in g.targets if t in names])))
-            save_file(tensors, str(dst), metadata={"format": "pt"})
-            del tensors
+            write_reverted(mapping, src, names, dst)
             trim_heap()
         with safe_open(str(dst), "pt") as f:  # the header only: no tensor is read
             for name in f.keys():
@@ -615,6 +758,44 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
             model.generation_config.save_pretrained(folder)
         except Exception:  # pragma: no cover - an invalid generation config is not ours to fix
             log.warning("generation_config not saved")
+
+
+EXPERT_CHUNK_BYTES = 1 << 29  # fused experts larger than this are written back a group of experts at a time
+
+
+def write_reverted(mapping, src: Path, names: list[str], dst: Path) -> None:
+    """Block shard ``src`` (``names``, in the model's layout) written to
+    ``dst`` in the checkpoint's layout, one conversion at a time; fused
+    experts larger than :data:`EXPERT_CHUNK_BYTES` a group of experts at a
+    time (a DeepSeek-V3 block's are ~7 GB each), so RAM never holds one whole."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:  # the header only
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+        dtypes = {n: _ST_DTYPES[f.get_slice(n).get_dtype()] for n in names}
+    specs = {k: (tuple(v.shape), v.dtype) for k, v in
+             mapping.revert({n: torch.empty(shapes[n], dtype=dtypes[n], device="meta") for n in names}).items()}
+    writer = SafetensorsWriter(dst, specs, {"format": "pt"})
+    try:
+        for g in mapping.groups_of(names):
+            targets = [t for t in g.targets if t in names]
+            rows = {shapes[t][0] for t in targets if len(shapes[t]) == 3}
+            nbytes = sum(math.prod(shapes[t]) * torch.empty((), dtype=dtypes[t]).element_size() for t in targets)
+            if len(rows) != 1 or any(len(shapes[t]) != 3 for t in targets) or nbytes <= EXPERT_CHUNK_BYTES:
+                for k, v in mapping.revert(read_safetensors(src, targets)).items():
+                    writer.write(k, v)
+                continue
+            E = rows.pop()
+            step = max(1, E * EXPERT_CHUNK_BYTES // nbytes)
+            for e0 in range(0, E, step):
+                part = {t: read_safetensors_rows(src, t, e0, min(E, e0 + step)) for t in targets}
+                for k, (v, start) in mapping.revert_rows(part, e0).items():
+                    writer.write(k, v, start)
+                del part
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 # --------------------------------------------------------------------------- choosing the path
