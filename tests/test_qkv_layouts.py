@@ -229,3 +229,26 @@ def test_bloom_diagnostics_rmse_is_the_attention_output_without_the_residual():
         outs.append([torch.cat([out for _, out in calls[i]]).double() for i in sorted(calls)])
     for r, yd, yp in zip(rows, *outs):
         assert r.rmse == pytest.approx(float((yp - yd).pow(2).mean().sqrt()), rel=1e-4), r
+
+
+def test_layouts_the_config_does_not_define_are_refused():
+    """A fused query_key_value of a model type whose layout d2prune does not
+    know, or whose row count the config does not explain, and latent attention
+    without its config fields: one-line errors naming --frozen none."""
+    from types import SimpleNamespace
+
+    from d2prune import D2PruneError
+
+    layer = torch.nn.Linear(32, 96)
+    with pytest.raises(D2PruneError, match="layout d2prune does not know for model type 'mystery'.*--frozen none"):
+        qkv_parts("attn.query_key_value", layer, SimpleNamespace(model_type="mystery", num_attention_heads=4,
+                                                                 hidden_size=32))
+    with pytest.raises(D2PruneError, match=r"cannot split fused q/k/v layer attn.query_key_value \(96 rows\)"):
+        qkv_parts("attn.query_key_value", layer, SimpleNamespace(model_type="falcon", num_attention_heads=4,
+                                                                 hidden_size=32, multi_query=True))
+    with pytest.raises(D2PruneError, match="latent attention but the config has no"):
+        qkv_parts("self_attn.kv_b_proj", layer, SimpleNamespace(num_attention_heads=4))
+    mla = SimpleNamespace(num_attention_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
+                          v_head_dim=6, q_lora_rank=24)
+    with pytest.raises(D2PruneError, match=r"kv_b_proj \(96 rows, the config gives 56\)"):
+        qkv_parts("self_attn.kv_b_proj", layer, mla)
