@@ -236,11 +236,10 @@ def test_frozen_on_unsplittable_fused_layout_is_an_error():
 
     from d2prune import D2PruneError
 
-    torch.manual_seed(0)
-    cfg = tf.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)  # MPT's Wqkv (GPT-NeoX's interleaved layout is split: tests/test_qkv_layouts.py)
+    cfg = tf.MptConfig(vocab_size=128, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    with pytest.raises(D2PruneError, match="interleaved"):
+    with pytest.raises(D2PruneError, match="Wqkv fuses q/k/v in a layout that d2prune does not split"):
         prune(model, PruneConfig(method=D2PruneConfig(frozen="k"), sparsity=0.5, device="cpu"), torch.randint(0, 128, (2, 16)))
     prune(model, PruneConfig(method=D2PruneConfig(frozen="none"), sparsity=0.5, device="cpu"), torch.randint(0, 128, (2, 16)))
 

@@ -467,11 +467,109 @@ QKV_NAMES = {
 }
 FUSED_EQUAL_THIRDS = ("c_attn", "qkv", "W_pack")  # GPT-2 Conv1D, ViT/timm qkv, Baichuan: [q; k; v] rows
 FUSED_GQA = ("qkv_proj",)  # Phi-3: [q (n_heads*hd); k (n_kv*hd); v (n_kv*hd)]
-FUSED_UNSUPPORTED = ("query_key_value", "Wqkv", "c_attn_qkv")  # per-head interleaved layouts (GPT-NeoX, Falcon...)
+FUSED_INTERLEAVED = ("query_key_value",)  # GPT-NeoX, BLOOM, Falcon...: heads interleaved as the config says
+FUSED_UNSUPPORTED = ("Wqkv", "c_attn_qkv")  # fused layouts not split (rather than guessed)
+# multi-head latent attention (DeepSeek-V2/V3 and the models built on it; docs/method.md §4)
+MLA_Q = ("q_a_proj", "q_b_proj")  # q through a low-rank bottleneck: every row computes queries only
+MLA_KV = ("kv_a_proj_with_mqa", "kv_b_proj")
+# The role of rows read by both keys and values (MLA's compressed latent in kv_a_proj_with_mqa): frozen only
+# when k and v both are (:func:`role_frozen`).
+SHARED_KV = "kv"
+
+# The model types whose fused query_key_value the forward reads per head as [q | k | v] of head_dim rows each
+# (GPTNeoXAttention.forward, BloomAttention._reshape, PersimmonAttention._split_heads, GPTNeoXJapaneseAttention);
+# Falcon's three layouts are read from its config (:func:`_query_key_value_groups`).
+PER_HEAD_QKV = ("gpt_neox", "gpt_neox_japanese", "bloom", "persimmon")
+
+Rows = slice | torch.Tensor  # a contiguous range of output rows, or the ascending row indices of a role
 
 
-def qkv_parts(name: str, layer: nn.Module, config) -> list[tuple[str, slice]] | None:
-    """``[(role, row_slice), ...]`` for a q/k/v (or fused qkv) Linear, else None.
+def role_frozen(role: str, frozen) -> bool:
+    """Whether rows of ``role`` ("q", "k", "v" or :data:`SHARED_KV`) are frozen
+    under the frozen set ``frozen``: rows read by several roles are frozen only
+    when every one of them is."""
+    return bool(role) and all(r in frozen for r in role)
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _grouped(groups: int, heads: tuple[int, int, int], hd: int) -> list[tuple[str, Rows]]:
+    """Rows laid out as ``groups`` repeats of ``[q heads | k heads | v heads]``
+    (``heads`` = how many of each, ``hd`` rows per head), as index tensors (a
+    slice when a role's rows are contiguous)."""
+    nq, nk, _ = heads
+    idx = torch.arange(groups * sum(heads) * hd).view(groups, sum(heads), hd)
+    out = []
+    for role, part in (("q", idx[:, :nq]), ("k", idx[:, nq:nq + nk]), ("v", idx[:, nq + nk:])):
+        rows = part.reshape(-1)
+        contiguous = bool((rows[1:] - rows[:-1] == 1).all())
+        out.append((role, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows))
+    return out
+
+
+def _query_key_value_groups(name: str, config, d_out: int) -> list[tuple[str, Rows]]:
+    """A fused ``query_key_value`` split as its model's forward reads it:
+    GPT-NeoX, BLOOM, Persimmon and Falcon's original layout interleave per head
+    ``[q | k | v]``; Falcon's ``multi_query`` puts all q heads, then one k and
+    one v head; Falcon's ``new_decoder_architecture`` repeats per kv group
+    ``[q * (heads / kv) | k | v]`` (``FalconAttention._split_heads``)."""
+    cfg = _text_config(config)
+    kind, heads = getattr(cfg, "model_type", None), getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if kind == "falcon" and heads:
+        kv = getattr(cfg, "num_kv_heads", None) or heads
+        if getattr(cfg, "new_decoder_architecture", False):
+            groups, per = (kv, (heads // kv, 1, 1)) if heads % kv == 0 else (0, (0, 0, 0))
+        elif getattr(cfg, "multi_query", False):
+            groups, per = 1, (heads, 1, 1)
+        else:
+            groups, per = heads, (1, 1, 1)
+    elif kind in PER_HEAD_QKV and heads:
+        groups, per = heads, (1, 1, 1)
+    else:
+        raise D2PruneError(f"{name} fuses q/k/v in a layout d2prune does not know for model type {kind!r}: "
+                           "use --frozen none")
+    hd = hidden // heads if hidden else 0
+    if not groups or hd * heads != hidden or groups * sum(per) * hd != d_out:
+        raise D2PruneError(f"cannot split fused q/k/v layer {name} ({d_out} rows) from the {kind} config: "
+                           "use --frozen none")
+    return _grouped(groups, per, hd)
+
+
+def _mla_parts(name: str, last: str, config, d_out: int) -> list[tuple[str, Rows]]:
+    """Multi-head latent attention's projections split as ``DeepseekV3Attention``
+    reads them: ``q_a_proj`` / ``q_b_proj`` compute queries only;
+    ``kv_a_proj_with_mqa`` rows are ``[latent (kv_lora_rank) | k rope
+    (qk_rope_head_dim)]``, the latent read by keys and values both
+    (:data:`SHARED_KV`); ``kv_b_proj`` rows are per head ``[k nope
+    (qk_nope_head_dim) | v (v_head_dim)]``."""
+    cfg = _text_config(config)
+    need = ("num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    vals = [getattr(cfg, f, None) for f in need]
+    if not all(isinstance(v, int) and v > 0 for v in vals):
+        raise D2PruneError(f"{name} looks like multi-head latent attention but the config has no "
+                           f"{', '.join(need)}: use --frozen none")
+    heads, rank, rope, nope, vd = vals
+    expected = {"q_a_proj": getattr(cfg, "q_lora_rank", None), "q_b_proj": heads * (nope + rope),
+                "kv_a_proj_with_mqa": rank + rope, "kv_b_proj": heads * (nope + vd)}[last]
+    if expected != d_out:
+        raise D2PruneError(f"cannot split latent attention layer {name} ({d_out} rows, the config gives "
+                           f"{expected}): use --frozen none")
+    if last in MLA_Q:
+        return [("q", slice(0, d_out))]
+    if last == "kv_a_proj_with_mqa":
+        return [(SHARED_KV, slice(0, rank)), ("k", slice(rank, d_out))]
+    idx = torch.arange(d_out).view(heads, nope + vd)
+    return [("k", idx[:, :nope].reshape(-1)), ("v", idx[:, nope:].reshape(-1))]
+
+
+def qkv_parts(name: str, layer: nn.Module, config) -> list[tuple[str, Rows]] | None:
+    """``[(role, rows), ...]`` for a q/k/v (or fused qkv, or latent attention)
+    Linear, else None. ``role``: "q", "k", "v" or :data:`SHARED_KV`; ``rows``:
+    a slice, or a tensor of row indices where the forward interleaves roles.
 
     Raises a one-line error for fused layouts we do not split (rather than guess).
     """
@@ -493,21 +591,22 @@ def qkv_parts(name: str, layer: nn.Module, config) -> list[tuple[str, slice]] | 
             raise D2PruneError(f"cannot split fused q/k/v layer {name} ({d_out} rows) from the config: use --frozen none")
         q, k = heads * hd, kv * hd
         return [("q", slice(0, q)), ("k", slice(q, q + k)), ("v", slice(q + k, q + 2 * k))]
+    if last in FUSED_INTERLEAVED:
+        return _query_key_value_groups(name, config, d_out)
+    if last in MLA_Q + MLA_KV:
+        return _mla_parts(name, last, config, d_out)
     if last in FUSED_UNSUPPORTED:
-        raise D2PruneError(
-            f"{name} fuses q/k/v in a per-head interleaved layout that d2prune does not split: use --frozen none"
-        )
+        raise D2PruneError(f"{name} fuses q/k/v in a layout that d2prune does not split: use --frozen none")
     return None
 
 
 def attention_module(block: nn.Module) -> tuple[str, nn.Module] | None:
     """The module that owns the block's q/k/v projections (its forward returns
     ``(attn_output, attn_weights)`` in transformers 5)."""
+    owners = QKV_NAMES["q"] + FUSED_EQUAL_THIRDS + FUSED_GQA + FUSED_INTERLEAVED + FUSED_UNSUPPORTED + MLA_Q + MLA_KV
     for name, mod in block.named_modules():
         for child_name, child in mod.named_children():
-            if isinstance(child, PRUNABLE_TYPES) and (
-                child_name in QKV_NAMES["q"] or child_name in FUSED_EQUAL_THIRDS + FUSED_GQA + FUSED_UNSUPPORTED
-            ):
+            if isinstance(child, PRUNABLE_TYPES) and child_name in owners:
                 return name, mod
     return None
 

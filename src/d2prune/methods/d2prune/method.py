@@ -37,7 +37,7 @@ from .config import D2PruneConfig, D2Variant
 from ...config import Sparsity
 from ...ops.masks import row_mask
 from ...errors import D2PruneError
-from ...io.modeling import find_prunable, qkv_parts, weight_matrix
+from ...io.modeling import Rows, find_prunable, qkv_parts, role_frozen, weight_matrix
 from ...ops.stats import Accumulator, StatKey, as_columns, register_accumulator
 from ...engine.method import LayerPruner, MaskPruner, Method, register
 from ..sparsegpt import hessian_factor, obs_prune
@@ -181,10 +181,18 @@ def d2_wanda_score(W: Tensor, a: Tensor, y: Tensor, dx: Tensor, r1: float, r2: f
     return metric
 
 
-def outlier_ratio(W: Tensor) -> float:
-    """Appendix eq 18: share of weights with ``|w| > mean |W|``."""
+def outlier_count(W: Tensor) -> int:
+    """How many weights have ``|w| > mean |W|``: appendix eq 18's numerator (the
+    ratio is this over the weight count), counted so that a projection made of
+    several pieces (latent attention's k: rows of two Linears) gets one ratio,
+    each piece against its own mean."""
     a = W.abs().float()
-    return float((a > a.mean()).float().mean())
+    return int((a > a.mean()).sum())
+
+
+def _at(rows: Rows, device) -> Rows:
+    """Row indices on the tensor's device (a slice as it is)."""
+    return rows if isinstance(rows, slice) else rows.to(device)
 
 
 # --------------------------------------------------------------------------- per-layer wrappers
@@ -198,19 +206,19 @@ def dx_key(variant: D2Variant, updated: bool, s: float) -> StatKey:
 
 class _D2Layer(LayerPruner):
     """Shared by both D² layer kinds: the output statistic ``y`` (of the
-    layer's own output rows, ``rows`` for a slice of a fused q/k/v)."""
+    layer's own output rows, ``rows`` for part of a fused q/k/v)."""
 
     wants_output = True
     updated: bool = True
 
-    def __init__(self, name, sparsity: Sparsity, cfg: D2PruneConfig, rows: slice | None = None):
+    def __init__(self, name, sparsity: Sparsity, cfg: D2PruneConfig, rows: Rows | None = None):
         super().__init__(name, sparsity)
         self.cfg, self.rows, self.variant = cfg, rows, cfg.numerics
         self.dx_key = dx_key(self.variant, self.updated, cfg.s)
         self.y = OutputNorm(cfg.s, self.variant.index_weighted)
 
     def observe_output(self, y):
-        self.y.update(y if self.rows is None else y[..., self.rows])
+        self.y.update(y if self.rows is None else y[..., _at(self.rows, y.device)])
 
     def observers(self):
         return [self.y]
@@ -249,12 +257,13 @@ class D2WandaLayer(_D2Layer, MaskPruner):
 
 
 class RowSplitLayer(LayerPruner):
-    """A fused q/k/v Linear pruned as its separate projections (row slices):
-    exact, since both SparseGPT's update and Wanda's ranking act per row."""
+    """A fused q/k/v Linear pruned as its separate projections (row slices, or
+    the row indices of a per-head interleaved layout): exact, since both
+    SparseGPT's update and Wanda's ranking act per row."""
 
     wants_output = True
 
-    def __init__(self, name, sparsity, parts: list[tuple[slice, LayerPruner]]):
+    def __init__(self, name, sparsity, parts: list[tuple[Rows, LayerPruner]]):
         super().__init__(name, sparsity)
         self.parts = parts
         self.input_stats = tuple(dict.fromkeys(k for _, p in parts for k in p.input_stats))
@@ -270,6 +279,7 @@ class RowSplitLayer(LayerPruner):
     def prune(self, W, stats):
         mask = torch.zeros_like(W, dtype=torch.bool)
         for rows, p in self.parts:
+            rows = _at(rows, W.device)
             W[rows], mask[rows] = p.prune(W[rows].clone(), stats)
         return W, mask
 
@@ -305,7 +315,7 @@ class D2Prune(Method):
         # the roles are the block's, whichever of its Linears --ignore / --targets keep dense
         every = find_prunable(block)
         parts = {name: qkv_parts(name, mod, self.model_config) or [] for name, mod in every.items()}
-        roles = {role for ps in parts.values() for role, _ in ps}
+        roles = {r for ps in parts.values() for role, _ in ps for r in role}
         wanted = set(fixed) if fixed is not None else {"q", "k", "v"}
         if not wanted <= roles:
             missing = ", ".join(sorted(wanted - roles))
@@ -314,11 +324,17 @@ class D2Prune(Method):
         if fixed is not None:
             self.block_frozen[index] = fixed
             return
-        # outlier rule (appendix eqs 17-19): freeze argmax_j r_j of the dense q/k/v (of those pruned)
-        ratios: dict[str, float] = {}
+        # outlier rule (appendix eqs 17-19): freeze argmax_j r_j of the dense q/k/v (of those pruned); a
+        # projection in several pieces (latent attention) counts each piece's outliers against its own mean;
+        # rows shared by k and v are no one projection's and are left out
+        counts: dict[str, list[int]] = {}
         for name, ps in parts.items():
             for role, rows in ps if name in layers else ():
-                ratios[role] = outlier_ratio(weight_matrix(layers[name])[rows])
+                if len(role) == 1:
+                    W = weight_matrix(layers[name])[_at(rows, layers[name].weight.device)]
+                    c = counts.setdefault(role, [0, 0])
+                    c[0], c[1] = c[0] + outlier_count(W), c[1] + W.numel()
+        ratios = {role: n / total for role, (n, total) in counts.items()}
         self.outlier_ratios[index] = ratios
         self.block_frozen[index] = (max(ratios, key=ratios.get),) if ratios else ()
 
@@ -326,12 +342,12 @@ class D2Prune(Method):
         frozen = self.block_frozen.get(block_index, self.config.frozen_set or ())
         cfg, sp = self.config, self.sparsity_at(block_index)
         parts = qkv_parts(name, module, self.model_config) if frozen else None
-        if not parts or not any(role in frozen for role, _ in parts):
+        if not parts or not any(role_frozen(role, frozen) for role, _ in parts):
             return D2SparseGPTLayer(name, sp, cfg)
-        if len(parts) == 1:
+        if all(role_frozen(role, frozen) for role, _ in parts):
             return D2WandaLayer(name, sp, cfg)
         return RowSplitLayer(name, sp, [
-            (rows, (D2WandaLayer if role in frozen else D2SparseGPTLayer)(f"{name}[{role}]", sp, cfg, rows))
+            (rows, (D2WandaLayer if role_frozen(role, frozen) else D2SparseGPTLayer)(f"{name}[{role}]", sp, cfg, rows))
             for role, rows in parts
         ])
 
