@@ -23,14 +23,6 @@ def calibration(n=4, length=32, seed=1):
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def method_for(kind: str, method: str):
-    # DeepSeek's latent attention has no q/k/v projection to freeze (issue 19): D²Prune with frozen none there
-    if method == "d2prune" and kind == "deepseek_v3":
-        from d2prune.methods.d2prune import D2PruneConfig
-        return D2PruneConfig(frozen="none")
-    return method
-
-
 def block_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".layers." in n}
 
@@ -88,7 +80,7 @@ def test_every_method_prunes_every_expert(kind, method, pattern):
     model = tiny(kind)
     before = block_weights(model)
     ids = calibration()
-    report = prune(model, PruneConfig(method=method_for(kind, method), sparsity=pattern, moe_min_tokens=0), ids,
+    report = prune(model, PruneConfig(method=method, sparsity=pattern, moe_min_tokens=0), ids,
                    heldout=calibration(2, seed=7))
     _check_pruned(kind, model, before, Sparsity.parse(pattern))
     assert report.sparsity >= 0.5 and report.overall_sparsity == pytest.approx(_direct_overall(model), abs=1e-9)
