@@ -218,6 +218,7 @@ def main(argv=None) -> int:
         r.add_argument("--nsamples", type=int, default=8)
         r.add_argument("--seqlen", type=int, default=256)
         r.add_argument("--extra", default="--stream on")
+        r.add_argument("--sparsity", default="0.5")
         r.add_argument("--matrix", default="qwen3-30b-a3b:1,mixtral-8x7b:1")
         r.add_argument("--model", default=None)
         r.add_argument("--scratch", type=Path, default=Path("/tmp/d2prune-moe"))
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
             model = str(build(shape, int(blocks), a.scratch / f"{shape}-{blocks}"))
             depth = SHAPES[shape]["depth"]
         row = scale.run_one(model, method, a.nsamples, a.seqlen, shlex.split(a.extra),
-                            a.scratch / "out" / Path(model).name, depth=depth, load="off")
+                            a.scratch / "out" / Path(model).name, depth=depth, load="off", sparsity=a.sparsity)
         rows.append(row)
         if a.cmd == "run":  # one row, to be merged into a table by hand
             print(scale.table_row(row), end="")

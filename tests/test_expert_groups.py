@@ -227,3 +227,25 @@ def test_an_expert_sent_no_token_is_not_zeroed_even_without_the_fallback(tmp_pat
     assert none and all(r["statistics"] == "all tokens (routed none)" for r in none)
     assert all(0.5 <= r["sparsity"] < 0.52 for r in rec["layers"] if r["how"] == "sparsegpt")
     assert all(r["statistics"] == "routed" for r in rec["layers"] if r.get("tokens"))
+
+
+def test_eval_reads_experts_in_groups_when_a_block_does_not_fit(tmp_path_factory, monkeypatch):
+    """``d2prune eval --ppl`` of a streamed MoE whose block does not fit: its
+    experts go in groups, and the perplexity is the whole-block one."""
+    import d2prune.engine.sequential as sequential
+    import d2prune.io.streaming as streaming
+    import d2prune.pipeline as pipeline
+
+    folder = _checkpoint(tmp_path_factory, "mixtral")
+    monkeypatch.setattr(streaming, "STREAM_RAM_SHARE", 0.0)  # --stream auto streams it
+    whole = pipeline.evaluate_model(str(folder), None, ppl=True, eval_file=str(WIKI), seqlen=16, eval_windows=2)
+    opened = streaming.open_model(str(folder), "auto", torch.device("cpu"), "on")
+    need = max(pipeline.estimate(opened, 1, 16, torch.device("cpu"), 0).block,
+               pipeline.estimate(opened, 1, 16, torch.device("cpu"), 0).host_ram)
+    monkeypatch.setattr(pipeline, "available_ram", lambda: need - 1)
+    propagated = []
+    real = sequential.propagate_in_groups
+    monkeypatch.setattr(sequential, "propagate_in_groups", lambda *a, **k: propagated.append(a[1]) or real(*a, **k))
+    grouped = pipeline.evaluate_model(str(folder), None, ppl=True, eval_file=str(WIKI), seqlen=16, eval_windows=2)
+    assert propagated == [0, 1]
+    assert grouped["ppl"]["ppl"] == pytest.approx(whole["ppl"]["ppl"], rel=1e-6)

@@ -191,6 +191,13 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
                      help="each expert's statistics from the calibration tokens its router sends to it (routed), "
                           "those tokens weighted by their gate weights (weighted: g^2 in the statistics), or every "
                           "token (all; the block's output stays the routed one)")
+    moe.add_argument("--drop-experts", type=_drop_amount, default=None, metavar="F",
+                     help="remove whole experts from every MoE layer before pruning the rest: a fraction (0 < F < 1) "
+                          "of its routed experts or a count; the output is a smaller model of the same architecture "
+                          "(docs/moe.md §5)")
+    moe.add_argument("--expert-score", default="reap", choices=["reap", "frequency"],
+                     help="how --drop-experts ranks experts: reap (mean gate weight x output norm over the tokens "
+                          "routed to it, Lasby et al. 2026) or frequency (routed tokens)")
     moe.add_argument("--expert-group", default="auto", type=_expert_group,
                      help="streamed: a MoE block's experts read, pruned and written this many at a time, for blocks "
                           "larger than RAM (auto: whole blocks when one fits, else the largest group that fits; "
@@ -198,6 +205,14 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     moe.add_argument("--moe-min-tokens", type=int, default=64,
                      help="routed: an expert sent fewer calibration tokens than this gets all-token statistics "
                           "(recorded per expert in d2prune.json; 0: never)")
+
+
+def _drop_amount(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number: give a fraction (0 < F < 1) or a count") from None
+    return int(v) if v >= 1 and v == int(v) else v
 
 
 def _expert_group(value: str) -> int | str:
@@ -321,7 +336,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(method=mcfg, sparsity=args.sparsity, device=args.device, layer_error=not args.no_layer_error,
                          fast=args.fast, allocation=args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                          targets=args.targets, ignore=args.ignore, moe_calibration=args.moe_calibration,
-                         moe_min_tokens=args.moe_min_tokens)
+                         moe_min_tokens=args.moe_min_tokens, drop_experts=args.drop_experts,
+                         expert_score=args.expert_score)
     data = DataConfig(calib_file=args.calib_file, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval_file=args.eval_file, c4_eval_file=args.c4_eval_file, eval_windows=args.eval_windows,
                       heldout_windows=args.heldout_windows, evaluate=not args.no_eval,

@@ -222,6 +222,10 @@ class PruneConfig:
     # moe_min_tokens tokens gets all-token statistics (recorded per expert)
     moe_calibration: str = "routed"
     moe_min_tokens: int = 64
+    # Whole experts removed from every MoE layer before it is pruned (docs/moe.md §5): a fraction
+    # (0 < F < 1) of its routed experts or a count (>= 1), ranked by expert_score (reap | frequency)
+    drop_experts: float | None = None
+    expert_score: str = "reap"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _patterns(self.targets, "--targets"))
@@ -237,6 +241,14 @@ class PruneConfig:
             raise D2PruneError(f"unknown --moe-calibration {self.moe_calibration!r}: use one of {', '.join(MOE_CALIBRATIONS)}")
         if not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0:
             raise D2PruneError(f"--moe-min-tokens {self.moe_min_tokens!r} must be an integer >= 0 (0: never fall back)")
+        if self.drop_experts is not None:
+            d = self.drop_experts
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0 or (d >= 1 and d != int(d)) \
+                    or d != d:
+                raise D2PruneError(f"--drop-experts {d!r}: give a fraction of each layer's experts (0 < F < 1) "
+                                   "or a whole number of experts (>= 1)")
+        if self.expert_score not in ("reap", "frequency"):
+            raise D2PruneError(f"unknown --expert-score {self.expert_score!r}: use reap or frequency")
         if self.allocation not in ALLOCATIONS:
             raise D2PruneError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "owl":

@@ -426,7 +426,8 @@ def _record(opened, config: PruneConfig, data: DataConfig, seqlen: int, report: 
         "versions": library_versions(),
         "sparsity": report.sparsity,  # over the pruned layers; overall_sparsity: every 2+-D block weight
         "overall_sparsity": report.overall_sparsity,
-        "unpruned": report.unpruned,  # block tensors left as they are, with their reasons (io/inventory.py)
+        "unpruned": report.unpruned,
+        "dropped_experts": report.dropped_experts,  # whole experts removed per MoE layer, with their scores  # block tensors left as they are, with their reasons (io/inventory.py)
         "prune_seconds": report.seconds,
         "method_summary": report.method,
         "layers": [to_dict(r) for r in report.layers],
@@ -447,6 +448,23 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
     if dtype in (None, "auto") and pick_device(device).type == "cpu":
         return "float32"
     return dtype
+
+
+def _eval_expert_group(opened, seqlen: int, device: torch.device) -> None:
+    """A streamed model whose blocks do not fit in RAM whole is evaluated with
+    its MoE experts read in groups, the largest that fit (docs/moe.md §4)."""
+    ram = available_ram()
+
+    def fits(g: int | None) -> bool:
+        opened.source.expert_group = g
+        b = estimate(opened, 1, seqlen, device, 0)
+        return max(b.block, b.host_ram) <= ram
+
+    if not fits(None):
+        opened.source.expert_group = expert_group_size(opened, fits)
+        if opened.source.expert_group:
+            log.info("one block does not fit in RAM whole: its experts are read %d at a time",
+                     opened.source.expert_group)
 
 
 def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = "auto", device: str | None = None,
@@ -473,6 +491,8 @@ def evaluate_model(model_name: str | None, zero_shot: dict | None, dtype: str = 
         model, tokenizer, src = load_model(model_name, dtype=resolve_dtype(dtype, device))
         description, source = src.describe(), None
     seqlen = seqlen_for(model, seqlen)
+    if source is not None and opened.streamed:
+        _eval_expert_group(opened, seqlen, pick_device(device))
     windows = None
     if ppl:
         check_seqlen(model, seqlen)

@@ -26,6 +26,7 @@ from .engine.calibration import (IGNORED, CalibrationOptions, LayerReport, Prune
 from .config import PruneConfig, Sparsity, to_dict
 from .engine.sequential import BlockInputs, check_finite, propagate, sequential
 from .engine.expert_groups import grouped_modules, prune_block_in_groups
+from .engine.expert_drop import ExpertDrop, check_drop, drop_block_experts
 from .io.source import BlockSource
 from .errors import D2PruneError
 from .engine.method import Method, build_method
@@ -48,6 +49,7 @@ class PruneReport:
     method: dict = field(default_factory=dict)
     resumed_from: int = 0  # first block pruned by this call (> 0: an interrupted run was resumed)
     unpruned: list[dict] = field(default_factory=list)  # block tensors left as they are, with their reasons
+    dropped_experts: list[dict] = field(default_factory=list)  # whole experts removed, per MoE layer (--drop-experts)
 
     @property
     def sparsity(self) -> float:
@@ -71,6 +73,7 @@ class PruneReport:
             "seconds": self.seconds,
             "calib_forward_seconds": self.calib_forward_seconds,
             "unpruned": self.unpruned,
+            "dropped_experts": self.dropped_experts,
             "layers": [to_dict(r) for r in self.layers],
         }
 
@@ -109,6 +112,8 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
 
     @torch.no_grad()
     def step(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        if run.drop is not None:  # whole experts first; the rest is pruned on the reduced layer's routing
+            run.drops.extend(drop_block_experts(run.model, block, i, inputs, run.options.batch, run.drop))
         if sparsity.ratio == 0:  # nothing to prune: keep the weights bit-identical
             propagate(block, i, inputs)
             return
@@ -136,10 +141,11 @@ def prune_blocks(run: PruneRun, method: Method, sparsity: Sparsity) -> PruneOutc
     def after(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         save_block(run, i, block, out.layers, method.state(), written=i in grouped)
 
-    if sparsity.ratio > 0:
+    changes = sparsity.ratio > 0 or run.drop is not None  # the blocks are saved (and resumable) when they change
+    if changes:
         out.resumed_from = resume_point(run, method, out.layers)
     sequential(run.model, run.calibration, run.device, step, desc="block", blocks=run.blocks, source=run.source,
-               start=out.resumed_from, after=after if run.work is not None and sparsity.ratio > 0 else None,
+               start=out.resumed_from, after=after if run.work is not None and changes else None,
                batch=run.options.batch)  # finished blocks of a resumed run propagate as step() did
     out.summary = method.summary()
     return out
@@ -199,6 +205,9 @@ def _prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: 
     unpruned = check_blocks(blocks, type(model).__name__, lambda i: {
         n for n in find_prunable(blocks[i]) if not config.prunes(f"{blocks.prefix}.{i}.{n}")})
     validate_pattern(model, sparsity, config.method.column_block, config.prunes)
+    drop = ExpertDrop(config.drop_experts, config.expert_score) if config.drop_experts is not None else None
+    if drop is not None:
+        check_drop(model, blocks, drop)  # before any weight is read
     method = build_method(config.method, sparsity)  # type: ignore[arg-type]
     if config.method.whole_model_bytes_per_weight and any(p.is_meta for p in blocks[0].parameters()):
         weights = sum(p.numel() for b in blocks.layers for p in b.parameters())
@@ -206,12 +215,22 @@ def _prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: 
             f"{config.method.name} takes gradients through the whole model at once: it needs the model in memory "
             f"plus {config.method.whole_model_bytes_per_weight * weights / 1e9:.1f} GB of gradient statistics; "
             "use --stream off on a machine where that fits, or another method")
+    if drop is not None and sparsity.ratio > 0 and find_search(method) is not None:
+        raise D2PruneError(f"--drop-experts with {config.method.name}'s search over candidates: each candidate would "
+                           "drop other experts; give --frozen q, k, v or none")
+    if drop is not None and config.method.whole_model_bytes_per_weight:
+        raise D2PruneError(f"--drop-experts with {config.method.name}: its gradients are taken through the whole "
+                           "model before any expert is dropped; use another method")
     model.eval()
     method.prepare(model, calibration, device)
     run = PruneRun(model, blocks, source, calibration, heldout, device, CalibrationOptions.of(config), work,
-                   heldout_labels, config.prunes if config.targets or config.ignore else None)
+                   heldout_labels, config.prunes if config.targets or config.ignore else None, drop)
     # a streamed block too large for RAM has its experts read, pruned and written in groups (docs/moe.md §4)
     in_groups = any(getattr(source, "in_groups", lambda i: {})(i) for i in range(len(blocks)))
+    if drop is not None:
+        if in_groups:
+            raise D2PruneError("--drop-experts needs each MoE block's experts whole, and this model's are read in "
+                               "groups: use a machine where one block fits")
     if in_groups and config.allocation == "owl" and sparsity.ratio > 0:
         raise D2PruneError("--allocation owl scores every block whole before pruning, and this model's experts are "
                            "read in groups: use --allocation uniform")
@@ -232,4 +251,5 @@ def _prune(model: nn.Module, config: PruneConfig, calibration: Tensor, heldout: 
         outcome.summary["allocation"] = allocation.to_dict()
     return PruneReport(config=to_dict(config), layers=outcome.layers, seconds=time.perf_counter() - t_start,
                        calib_forward_seconds=outcome.calib_seconds, method=outcome.summary,
-                       resumed_from=outcome.resumed_from, unpruned=summarize(unpruned, blocks.prefix))
+                       resumed_from=outcome.resumed_from, unpruned=summarize(unpruned, blocks.prefix),
+                       dropped_experts=run.drops)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from ..config import MethodConfig, PruneConfig, to_dict
+from ..errors import D2PruneError
 from .sequential import BlockInputs, check_finite, forward_hooks, run_block, sample_batches
 from ..io.source import BlockSource
 from ..ops.masks import ROW_CHUNK_ELEMENTS
@@ -37,6 +38,7 @@ from ..io.inventory import unpruned
 from ..io.modeling import Blocks, find_prunable, in_features, set_weight_matrix, weight_matrix
 from ..io.resume import WorkFolder
 from ..io.streaming import block_tensors
+from .expert_drop import ExpertDrop, replay_drops
 from ..ops.stats import InputStats, StatKey
 
 log = logging.getLogger(__name__)
@@ -407,6 +409,8 @@ class PruneRun:
     work: WorkFolder | None = None
     heldout_labels: Tensor | None = None
     prunes: Callable[[str], bool] | None = None  # which block Linears are pruned (PruneConfig.prunes); None: all
+    drop: "ExpertDrop | None" = None  # whole experts removed from each MoE layer first (engine/expert_drop.py)
+    drops: list[dict] = field(default_factory=list)  # ... and what they were, block by block (d2prune.json)
 
     def layers(self, block: nn.Module, i: int) -> BlockLayers:
         """Block ``i``'s prunable Linears, split into those pruned and those kept dense."""
@@ -459,10 +463,19 @@ def resume_point(run: PruneRun, method: Method, rows: list[LayerReport]) -> int:
     appended to ``rows`` and the method's per-block choices restored."""
     if run.work is None:
         return 0
-    start = usable_blocks(run, run.work.begin(len(run.blocks)))
+    begun = run.work.begin(len(run.blocks))
+    with run.work.reading():
+        # the experts the finished blocks lost: removed again first, so that their saved files fit
+        drops = [r for r in run.work.state.get("dropped_experts", []) if r["block"] < begun]
+    replay_drops(run.model, run.blocks, drops)
+    start = usable_blocks(run, begun)
     with run.work.reading():
         saved = [r for r in _rows(run.work.state["rows"]) if block_of(r, run.blocks.prefix) < start]
         method.load_state(run.work.state["method"])  # a block pruned again overwrites its choice
+    if any(r["block"] >= start for r in drops):  # a damaged block whose experts are gone cannot be pruned again
+        raise D2PruneError(f"block {start} of the work folder {run.work.path} is damaged, and experts were already "
+                           "dropped from it: rerun with --restart")
+    run.drops[:] = drops
     for i in range(start):
         run.source.restore(i, run.work.block_path(i))
     rows.extend(saved)
@@ -479,7 +492,8 @@ def save_block(run: PruneRun, i: int, block: nn.Module, rows: list[LayerReport],
     if not written:
         run.work.write_block(i, block_tensors(block, f"{run.blocks.prefix}.{i}"))
         run.source.saved(i, run.work.block_path(i))
-    run.work.commit(i + 1, [to_dict(r) for r in rows], method_state, extra)
+    run.work.commit(i + 1, [to_dict(r) for r in rows], method_state,
+                    {**({"dropped_experts": run.drops} if run.drops else {}), **(extra or {})})
 
 
 class CandidateSearch:

@@ -266,6 +266,7 @@ class RoutedExperts:
     out: Tensor | None = None  # the running sum the experts' outputs are added to (None: a new zero tensor)
     intercept: "Callable[[Tensor, Tensor, Tensor], Tensor] | None" = None  # replaces the experts' computation
     groups: "ExpertGroups | None" = None  # set by a block source that reads these 3-D parameters in groups
+    scores: "ExpertScores | None" = None  # accumulated in a scoring pass (--drop-experts, docs/moe.md §5)
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.layout.num_experts, dtype=torch.long)
@@ -330,6 +331,28 @@ class ExpertGroups:
 
 
 @dataclass
+class ExpertScores:
+    """What a scoring pass accumulates per expert (docs/moe.md §5): the
+    tokens routed to it and REAP's sum over them of ``g * ||f(x)||_2`` (the
+    gate weight the expert's output is multiplied by, times the L2 norm of
+    that output), in float64."""
+
+    tokens: Tensor
+    reap_sum: Tensor
+
+    @classmethod
+    def zeros(cls, n: int) -> "ExpertScores":
+        return cls(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.float64))
+
+    def score(self, kind: str) -> Tensor:
+        """``reap``: the mean of ``g * ||f(x)||`` over the expert's routed tokens
+        (0 for an expert never routed); ``frequency``: its routed tokens."""
+        if kind == "frequency":
+            return self.tokens.to(torch.float64)
+        return self.reap_sum / self.tokens.clamp(min=1)
+
+
+@dataclass
 class CountingPass:
     """A routing-only pass over one block: the experts modules still to be
     reached in the current sample (the block stops after the last)."""
@@ -386,6 +409,10 @@ def routed_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, 
             y = self.post_expert_norm(y)
         if every:
             y = y[token_idx]
+        if state.scores is not None:  # REAP: the gate weight times the norm of the expert's output, per token
+            g = top_k_weights[token_idx, top_k_pos].detach().to(torch.float64)
+            state.scores.reap_sum[e] += float((g * torch.linalg.vector_norm(y.detach().to(torch.float64), dim=-1)).sum())
+            state.scores.tokens[e] += int(routed)
         y = y * top_k_weights[token_idx, top_k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
@@ -439,3 +466,63 @@ def fused_matrices(module: nn.Module) -> list[str]:
 def experts_modules(root: nn.Module) -> dict[str, nn.Module]:
     """The transformers experts modules under ``root``, by name."""
     return {n: m for n, m in root.named_modules() if experts_layout(m) is not None}
+
+
+# --------------------------------------------------------------------------- removing experts
+GROUP_ATTRS = ("num_group", "n_group")  # a grouped router's number of expert groups (DeepSeek-V3)
+
+
+def _num_experts(experts: nn.Module) -> int:
+    return next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
+
+
+def routers_of(layer: nn.Module, experts: nn.Module) -> list[nn.Module]:
+    """The modules beside ``experts`` in its MoE ``layer`` whose every tensor
+    is one row per expert (a router's weight ``[E, H]``, its bias and
+    correction terms ``[E]``)."""
+    E = _num_experts(experts)
+    out = []
+    for m in layer.children():
+        if m is experts:
+            continue
+        tensors = [t for t in (*m.parameters(), *m.buffers()) if t is not None]
+        if tensors and all(t.dim() in (1, 2) and t.shape[0] == E for t in tensors):
+            out.append(m)
+    return out
+
+
+def expert_groups_of(routers: list[nn.Module]) -> int:
+    """How many groups a grouped router splits its experts into (1: none)."""
+    for r in routers:
+        for a in GROUP_ATTRS:
+            g = getattr(r, a, None)
+            if isinstance(g, int) and g > 1:
+                return g
+    return 1
+
+
+def remove_experts(layer: nn.Module, experts: nn.Module, keep: list[int]) -> None:
+    """Keep only experts ``keep`` (ascending) of ``experts`` in MoE ``layer``:
+    their rows of every per-expert tensor of the experts module and of its
+    routers (weights, biases, correction buffers), and every ``*expert*``
+    count of those modules set to the new number. Works on real or meta
+    tensors; views installed on ``experts`` are rebuilt."""
+    E = _num_experts(experts)
+    routers = routers_of(layer, experts)
+    idx = torch.tensor(sorted(keep), dtype=torch.long)
+    installed = "_d2prune_experts" in experts.__dict__
+    if installed:
+        uninstall(experts)
+    for m in (experts, *routers):
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.dim() >= 1 and p.shape[0] == E:
+                m._parameters[name] = nn.Parameter(p.data.index_select(0, idx.to(p.device)), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.dim() >= 1 and b.shape[0] == E:
+                m._buffers[name] = b.index_select(0, idx.to(b.device))
+    for m in (layer, experts, *routers):
+        for attr, v in list(vars(m).items()):
+            if type(v) is int and v == E and "expert" in attr:
+                setattr(m, attr, len(idx))
+    if installed:
+        install(experts, experts_layout(experts))
