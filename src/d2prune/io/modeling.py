@@ -99,7 +99,58 @@ def resolve_source(model: str | None) -> ModelSource:
     src = _classify(model)
     if image_classifier_class(src) is None:
         check_causal_decoder(src)
+    quantization(src)  # a quantized format d2prune cannot read is refused now, by name
     return src
+
+
+def quantization(src: ModelSource):
+    """The :class:`~d2prune.io.quantized.Quantization` of the model's
+    checkpoint (None: not quantized, GGUF, or d2prune's own sparse format);
+    a format d2prune cannot read (GPTQ, AWQ, bitsandbytes, unknown) is refused
+    by name with the conversion that would help (docs/quantized.md §3)."""
+    if src.gguf_file:
+        return None
+    from .quantized import describe
+
+    return describe(getattr(read_config(src), "quantization_config", None), f"model {src.describe()}")
+
+
+def _dequantizing(src: ModelSource) -> dict:
+    """``from_pretrained`` keywords that make transformers de-quantize an FP8
+    or MXFP4 checkpoint on any device (it keeps FP8 / MXFP4 modules, which
+    d2prune cannot prune, where a GPU runs them); a block-scaled FP8 weight the
+    block does not divide is refused here (transformers mis-scales it:
+    docs/quantized.md §2; the streamed reader reads it right)."""
+    quant = quantization(src)
+    if quant is None:
+        return {}
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    from .quantized import FP8_BLOCK, MXFP4, undivided
+
+    if quant.method == FP8_BLOCK and src.is_local:
+        bad = undivided(quant, _header_shapes(Path(src.path)))
+        if bad:
+            name, shape = bad
+            raise D2PruneError(f"model {src.describe()}: weight {name} {list(shape)} is not a whole number of "
+                               f"{quant.block[0]} x {quant.block[1]} blocks, which transformers de-quantizes wrongly "
+                               "in memory: prune it with --stream on")
+    if quant.method == FP8_BLOCK:
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
+    if quant.method == MXFP4:
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}
+
+
+def _header_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{tensor: (shape, safetensors dtype)}`` from the headers of a folder's safetensors files (no tensor read)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        out.update({k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"})
+    return out
 
 
 IMAGE_CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
@@ -257,8 +308,9 @@ def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto
     kw: dict = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     vision = image_classifier_class(src)
     cls = getattr(transformers, vision, transformers.AutoModelForImageClassification) if vision else AutoModelForCausalLM
+    quantized = _dequantizing(src)  # FP8 / MXFP4: de-quantized to float as transformers loads it
     try:
-        lm = cls.from_pretrained(src.path, dtype=_dtype(dtype), trust_remote_code=False, **kw)
+        lm = cls.from_pretrained(src.path, dtype=_dtype(dtype), trust_remote_code=False, **kw, **quantized)
     except D2PruneError:
         raise
     except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
@@ -271,8 +323,8 @@ def load_model(model: str | None = None, dtype: str | torch.dtype | None = "auto
     except Exception as e:
         what = "image processor (preprocessor_config.json)" if vision else "tokenizer"
         raise D2PruneError(f"could not load the {what} of {src.describe()}: {type(e).__name__}: {first_line(e)}") from e
-    if src.gguf_file:
-        strip_gguf_quantizer(lm)
+    if src.gguf_file or quantized:
+        strip_gguf_quantizer(lm)  # a float model now, saved as one
     check_finite_weights(lm, src.describe())
     lm.eval()
     return lm, tok, src

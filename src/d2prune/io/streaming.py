@@ -52,7 +52,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+if hasattr(torch, "float8_e8m0fnu"):  # MXFP8-style e8m0 scales
+    _ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 
 def read_safetensors(path: str | os.PathLike, names) -> dict[str, Tensor]:
@@ -359,6 +361,83 @@ class CompressedReader(CheckpointReader):
         return out
 
 
+class QuantizedReader(CheckpointReader):
+    """A :class:`CheckpointReader` over an FP8 or MXFP4 checkpoint that answers
+    in de-quantized tensors (:mod:`d2prune.io.quantized`): a quantized weight
+    is read with its scales and de-quantized into :attr:`dtype` when asked
+    for, one at a time; the scale tensors themselves are not model tensors.
+    GPT-OSS's ``*_blocks`` / ``*_scales`` answer as the fused parameter
+    (``experts.gate_up_proj``) they make."""
+
+    def __init__(self, folder: str | os.PathLike, quant):
+        super().__init__(folder)
+        self.quant = quant
+        self.dtype = torch.bfloat16  # what weights are de-quantized into: the storage dtype (set by load_streamed)
+        self.stored = dict(self.files)  # every stored tensor -> its file
+        self.parts, hidden = quant.plan(CheckpointReader.dtypes(self))
+        self.files = {n: f for n, f in self.stored.items() if n not in hidden}
+        for name, parts in self.parts.items():
+            self.files[name] = self.stored[parts["q"]]
+
+    def get_many(self, names) -> dict[str, Tensor]:
+        names = list(names)
+        out = super().get_many([n for n in names if n not in self.parts])
+        for n in names:
+            if n in self.parts:
+                got = self._read_parts(n)
+                out[n] = self.quant.dequantize(n, got, self.dtype)
+                del got
+        return {n: out[n] for n in names}
+
+    def _read_parts(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        parts = self.parts[name]
+        for stored in parts.values():
+            if stored not in self.stored:
+                raise D2PruneError(f"tensor {stored} is not in the checkpoint {self.folder}")
+        if rows is not None:
+            return {role: read_safetensors_rows(self.stored[s], s, *rows) for role, s in parts.items()}
+        return {role: read_safetensors(self.stored[s], [s])[s] for role, s in parts.items()}
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        if name not in self.parts:
+            return super().get_rows(name, start, stop)
+        if self.quant.method == "mxfp4":  # experts first in blocks and scales: read those experts only
+            return self.quant.dequantize(name, self._read_parts(name, (start, stop)), self.dtype)
+        return self.get_many([name])[name][start:stop].clone()
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        stored = CheckpointReader.dtypes(self)
+        return {n: (self.dtype if n in self.parts else stored[n]) for n in self.files}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        from safetensors import safe_open
+
+        stored = {}
+        for path in set(self.stored.values()):
+            with safe_open(str(path), "pt") as f:
+                for n in f.keys():
+                    if self.stored.get(n) == path:
+                        stored[n] = tuple(f.get_slice(n).get_shape())
+        out = {n: stored[n] for n in self.files if n not in self.parts and n in stored}
+        for name, parts in self.parts.items():
+            out[name] = self.quant.shape(name, {role: stored[s] for role, s in parts.items()})
+        return out
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's unquantized floating tensors (norms, embeddings), bf16 if none."""
+        counts = Counter(d for n, d in CheckpointReader.dtypes(self).items()
+                         if n in self.files and n not in self.parts and d.is_floating_point
+                         and d not in (torch.float8_e4m3fn, torch.float8_e5m2))
+        return counts.most_common(1)[0][0] if counts else torch.bfloat16
+
+    def add(self, path: str | os.PathLike) -> None:
+        """A finished (de-quantized) block shard replaces the quantized parts of its tensors."""
+        super().add(path)
+        for n, f in self.files.items():
+            if f == Path(path):
+                self.parts.pop(n, None)
+
+
 class GGUFCheckpointReader(CheckpointReader):
     """A ``.gguf`` file as a checkpoint: transformers' tensor name -> the file,
     each tensor de-quantised only when read (:class:`d2prune.io.gguf.GGUFFile`:
@@ -503,12 +582,16 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
         reader = GGUFCheckpointReader(path, dtype)
         path, kw = str(reader.folder), {"gguf_file": reader.path.name}
     else:
-        # d2prune-sparse: each block's weights are decompressed as they are read
-        reader = CompressedReader(path) if is_compressed(path) else CheckpointReader(path)
+        # d2prune-sparse: each block's weights are decompressed as they are read; FP8 / MXFP4: de-quantized
+        quant = quantization_of(path)
+        reader = (CompressedReader(path) if is_compressed(path) else QuantizedReader(path, quant) if quant
+                  else CheckpointReader(path))
     storage = dtype or reader.storage_dtype()
+    if isinstance(reader, QuantizedReader):
+        reader.dtype = storage
     try:
         config = copy.deepcopy(reader.config) if kw else AutoConfig.from_pretrained(path, trust_remote_code=False)
-        if isinstance(reader, CompressedReader if not kw else ()):
+        if isinstance(reader, (CompressedReader, QuantizedReader) if not kw else ()):
             del config.quantization_config  # the model is dense in memory, and so is what it saves
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=storage)
@@ -541,6 +624,20 @@ def load_streamed(path: str, dtype: torch.dtype | None = None):
         raise D2PruneError(f"could not load the tokenizer of {path}: {type(e).__name__}: {first_line(e)}") from e
     model.eval()
     return model, tok, reader
+
+
+def quantization_of(folder: str | os.PathLike):
+    """The :class:`~d2prune.io.quantized.Quantization` of the checkpoint in
+    ``folder`` (its ``config.json``), None when it is not quantized; a format
+    d2prune cannot read is refused by name here, before any weight is read."""
+    from .quantized import describe
+
+    path = Path(folder) / "config.json"
+    try:
+        quant = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        return None  # an unreadable config is reported when transformers reads it
+    return describe(quant, f"model {folder}")
 
 
 def outside_blocks(model: nn.Module, blocks: Blocks) -> dict[str, nn.Parameter]:
