@@ -97,14 +97,38 @@ def block_shapes(s: dict, i: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]], real=None) -> int:
+FP8_BLOCK = 128  # DeepSeek-V3's FP8 checkpoints: e4m3 weights, one fp32 weight_scale_inv per 128 x 128 block
+
+
+def fp8_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Every projection of a block in FP8 with its block scales (the DeepSeek-V3 layout; router,
+    norms and correction bias stay as they are)."""
+    out = {}
+    for name, shp in shapes.items():
+        out[name] = shp
+        if len(shp) == 2 and name.endswith(("proj.weight", "proj_with_mqa.weight", ".w1.weight", ".w2.weight",
+                                            ".w3.weight")):
+            out[name.removesuffix("weight") + "weight_scale_inv"] = (-(-shp[0] // FP8_BLOCK), -(-shp[1] // FP8_BLOCK))
+    return out
+
+
+def _st_dtype(name: str, shp, fp8: bool) -> tuple[str, int]:
+    if name.endswith(("correction_bias", "weight_scale_inv")):
+        return "F32", 4
+    if fp8 and len(shp) == 2 and name.endswith(("proj.weight", "proj_with_mqa.weight", ".w1.weight", ".w2.weight",
+                                                 ".w3.weight")):
+        return "F8_E4M3", 1
+    return "BF16", 2
+
+
+def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]], real=None, fp8: bool = False) -> int:
     """A safetensors file whose tensors are all zero, written as a sparse file
     (header only; the data are holes): a checkpoint of the right layout and
     size that costs no disk, for runs that must be refused before reading it.
     ``real(name, shape)``: a tensor to write for ``name`` instead (None: a hole)."""
     header, offset = {}, 0
     for name, shp in shapes.items():
-        dtype, size = ("F32", 4) if name.endswith("correction_bias") else ("BF16", 2)
+        dtype, size = _st_dtype(name, shp, fp8)
         n = size
         for d in shp:
             n *= d
@@ -132,14 +156,16 @@ def torch_uint8():
 
 
 def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: bool = False,
-          sparse: bool = False) -> Path:
+          sparse: bool | str = False, fp8: bool = False) -> Path:
     import torch
     from safetensors.torch import save_file
 
     s = SHAPES[shape_name]
     folder = Path(folder)
     stamp = {"shape": shape_name, "blocks": blocks, "seed": seed, "std": 0.0 if sparse else 0.02, "dtype": "bfloat16",
-             **({"sparse": sparse} if sparse == "experts" else {})}
+             **({"sparse": sparse} if sparse == "experts" else {}), **({"fp8": True} if fp8 else {})}
+    if fp8 and not sparse:
+        raise SystemExit("--fp8 is built with --sparse or --sparse experts")
     marker = folder / "scale-build.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         print(f"build: reusing {folder}")
@@ -150,13 +176,16 @@ def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: boo
     cfg = dict(s["config"], hidden_size=s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
                num_hidden_layers=blocks, vocab_size=s["vocab"], max_position_embeddings=4096, rms_norm_eps=1e-6,
                tie_word_embeddings=False, dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    if fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in scale.TOKENIZER_FILES:
         if (scale.TOKENIZER_SRC / name).is_file():
             shutil.copyfile(scale.TOKENIZER_SRC / name, tmp / name)
     outer = {"model.embed_tokens.weight": (s["vocab"], s["hidden"]), "model.norm.weight": (s["hidden"],),
              "lm_head.weight": (s["vocab"], s["hidden"])}
-    groups = [block_shapes(s, i) for i in range(blocks)] + [outer]
+    groups = [fp8_shapes(block_shapes(s, i)) if fp8 else block_shapes(s, i) for i in range(blocks)] + [outer]
     gen, weight_map, total, t0 = torch.Generator(), {}, 0, time.perf_counter()
     for k, shapes in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -166,12 +195,17 @@ def build(shape_name: str, blocks: int, folder: Path, seed: int = 0, verify: boo
                 # expert, embeddings: the routing and attention are those of random weights), the experts holes
                 if sparse != "experts" or re.search(r"\.experts\.\d+\.", name):
                     return None
+                if name.endswith("weight_scale_inv"):  # |w| < 0.12 (std 0.02) maps into e4m3's range
+                    return torch.full(shp, 0.12 / 448, dtype=torch.float32)
                 if len(shp) == 1:
                     return torch.ones(shp, dtype=torch.float32 if name.endswith("correction_bias") else torch.bfloat16)
                 gen.manual_seed(seed * 1_000_003 + k * 100_003 + len(name))
-                return torch.empty(shp, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+                w = torch.empty(shp, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+                if _st_dtype(name, shp, fp8)[0] == "F8_E4M3":
+                    return (w.float() / (0.12 / 448)).clamp(-448, 448).to(torch.float8_e4m3fn)
+                return w
 
-            total += write_sparse(tmp / fname, shapes, real)
+            total += write_sparse(tmp / fname, shapes, real, fp8)
             weight_map.update({n: fname for n in shapes})
             continue
         tensors = {}
@@ -211,6 +245,8 @@ def main(argv=None) -> int:
     b.add_argument("--sparse", nargs="?", const=True, default=False, choices=[True, "experts"],
                    help="all-zero tensors in sparse files (no disk used): for runs refused before reading weights; "
                         "--sparse experts: only the routed experts' (the rest random), for groups of experts")
+    b.add_argument("--fp8", action="store_true",
+                   help="the DeepSeek-V3 FP8 layout: block projections in e4m3 with 128 x 128 weight_scale_inv")
     for name in ("run", "all"):
         r = sub.add_parser(name)
         r.add_argument("--method", default="wanda")
@@ -225,7 +261,7 @@ def main(argv=None) -> int:
         r.add_argument("--md", type=Path, default=ROOT / "bench" / "MOE_SCALE.md")
     a = ap.parse_args(argv)
     if a.cmd == "build":
-        build(a.shape, a.blocks, a.dir, verify=a.verify, sparse=a.sparse)
+        build(a.shape, a.blocks, a.dir, verify=a.verify, sparse=a.sparse, fp8=a.fp8)
         return 0
     runs = ([(a.model, None, a.method)] if a.cmd == "run" else
             [(None, spec, m) for spec in a.matrix.split(",") for m in a.methods.split(",")])
