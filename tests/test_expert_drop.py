@@ -166,6 +166,25 @@ def test_drop_then_prune_streamed_equals_in_memory_and_loads(tmp_path_factory, t
 
 
 @pytest.mark.skipif(not C4.is_file(), reason="../shared/data/c4 is not available")
+@pytest.mark.parametrize("stream", ["off", "on"])
+def test_a_bf16_checkpoint_stays_bf16_and_shrinks(tmp_path_factory, tmp_path, stream):
+    """A bf16 checkpoint computes in fp32 on a CPU: the tensors cut by the
+    removal go back to bf16 like the rest, so the output is the input's
+    layout and dtypes, with half the experts' bytes fewer."""
+    folder = _checkpoint(tmp_path_factory, "qwen3_moe", torch.bfloat16)
+    _cli(folder, tmp_path / "out", "--drop-experts", "0.5", stream=stream, method=("--method", "magnitude",
+                                                                                     "--sparsity", "0"))
+    given, out = _tensors(folder), _tensors(tmp_path / "out")
+    assert {t.dtype for t in out.values()} == {t.dtype for t in given.values()}
+    assert all(out[k].dtype == given[k].dtype for k in out)
+    experts = lambda ts: sum(t.numel() * t.element_size() for k, t in ts.items() if ".experts." in k)  # noqa: E731
+    rest = lambda ts: sum(t.numel() * t.element_size() for k, t in ts.items() if ".experts." not in k)  # noqa: E731
+    assert experts(out) * 2 == experts(given)
+    assert rest(out) == rest(given) - sum(t.numel() * t.element_size() // 2 for k, t in given.items()
+                                          if k.endswith("mlp.gate.weight"))
+
+
+@pytest.mark.skipif(not C4.is_file(), reason="../shared/data/c4 is not available")
 def test_a_run_that_drops_experts_resumes_bit_identically(tmp_path_factory, tmp_path, monkeypatch):
     """Killed after block 0 is committed: the rerun removes block 0's dropped
     experts from the model again before putting its saved weights back."""

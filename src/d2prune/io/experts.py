@@ -516,7 +516,9 @@ def remove_experts(layer: nn.Module, experts: nn.Module, keep: list[int]) -> Non
     for m in (experts, *routers):
         for name, p in list(m._parameters.items()):
             if p is not None and p.dim() >= 1 and p.shape[0] == E:
-                m._parameters[name] = nn.Parameter(p.data.index_select(0, idx.to(p.device)), requires_grad=False)
+                # the same Parameter, its data cut: a block opened in its compute dtype still goes back to
+                # its storage dtype when it is closed (io/source.py place_params keeps the objects)
+                p.data = p.data.index_select(0, idx.to(p.device))
         for name, b in list(m._buffers.items()):
             if b is not None and b.dim() >= 1 and b.shape[0] == E:
                 m._buffers[name] = b.index_select(0, idx.to(b.device))
