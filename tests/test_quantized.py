@@ -439,3 +439,38 @@ def test_same_format_output(tmp_path, layout):
     # (MXFP4) of it; bounded at 2x
     rel = float((a - b).norm() / b.norm())
     assert 0 < rel < 2 * err ** 0.5, (rel, err ** 0.5)
+
+
+@needs_shared
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_full_disk_while_requantizing(tmp_path, capsys, monkeypatch, stream):
+    """A full disk half way through the re-quantized shards: one line, no
+    output and nothing of ours left beside it (the resume folder aside); the
+    same command then writes the output."""
+    import errno
+
+    from conftest import C4, STORIES
+    from d2prune.cli import main
+    from d2prune.io import streaming
+
+    fp8_checkpoint(tmp_path / "in", tokenizer_from=STORIES, cfg=_deepseek_config(vocab=512))
+    capsys.readouterr()
+    real, calls = streaming.SafetensorsWriter.write, []
+
+    def write(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(streaming.SafetensorsWriter, "write", write)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tmp_path / "in"), "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "2",
+            "--seqlen", "16", "--calib-file", str(C4), "--no-eval", "--stream", stream, "--out", str(out)]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Writing model shards" not in line]
+    assert len(calls) == 5 and len(err) == 1 and err[0].startswith("d2prune: error: no space left on device while writing")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.work"]
+    monkeypatch.setattr(streaming.SafetensorsWriter, "write", real)
+    assert main(["-q", *args]) == 0
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
