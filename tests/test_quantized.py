@@ -388,21 +388,28 @@ def _prune(model: Path, out: Path, *flags: str) -> None:
 
 @needs_shared
 @pytest.mark.parametrize("layout", ["fp8", "mxfp4"])
-def test_same_format_output(tmp_path, layout):
+def test_same_format_output(tmp_path, monkeypatch, layout):
     """``--save-format same`` (the default) on an FP8 / MXFP4 input: streamed
-    and in memory the same bytes, tensor for tensor; the input's tensor names,
+    (the experts written back and quantized a few at a time) and in memory
+    (whole) the same bytes, tensor for tensor; the input's tensor names,
     shapes and dtypes and its ``quantization_config``; loaded by
     ``from_pretrained``, its de-quantized weights keep every pruned zero, and
     its logits are the bf16 output's within the re-quantization error."""
     import transformers
     from conftest import STORIES
+    from d2prune.io import quantized, streaming
 
     if layout == "fp8":
         fp8_checkpoint(tmp_path / "in", tokenizer_from=STORIES, cfg=_deepseek_config(vocab=512))
     else:
         mxfp4_checkpoint(tmp_path / "in", tokenizer_from=STORIES)
-    _prune(tmp_path / "in", tmp_path / "on", "--stream", "on")
     _prune(tmp_path / "in", tmp_path / "off", "--stream", "off")
+    # the tiny blocks' fused experts are 16-32 KB: the larger ones written back 2 experts at a time, and every
+    # group quantized one expert at a time
+    with monkeypatch.context() as m:
+        m.setattr(streaming, "EXPERT_CHUNK_BYTES", 20000)
+        m.setattr(quantized, "ENCODE_BYTES", 1000)
+        _prune(tmp_path / "in", tmp_path / "on", "--stream", "on")
     _prune(tmp_path / "in", tmp_path / "bf16", "--stream", "on", "--save-format", "bf16")
     inp, on, off, dense = (_tensors(tmp_path / f) for f in ("in", "on", "off", "bf16"))
     assert {k: (v.shape, v.dtype) for k, v in on.items()} == {k: (v.shape, v.dtype) for k, v in inp.items()}
@@ -474,3 +481,4 @@ def test_full_disk_while_requantizing(tmp_path, capsys, monkeypatch, stream):
     monkeypatch.setattr(streaming.SafetensorsWriter, "write", real)
     assert main(["-q", *args]) == 0
     assert "quantization_config" in json.loads((out / "config.json").read_text())
+

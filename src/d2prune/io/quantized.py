@@ -411,6 +411,7 @@ def quantize_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
     return blocks, (bits >> 23).to(torch.uint8)
 
 
+ENCODE_BYTES = 1 << 26  # fused experts are re-quantized this many bytes of them at a time (fp32 temporaries: ~8x)
 REQUANT_ERROR = ("||W - D(Q(W))||_F^2 / ||W||_F^2 per weight: W the pruned float weight as written before "
                  "re-quantization, D(Q(W)) the weight the output de-quantizes to (an expert of a fused tensor: "
                  "its slice)")
@@ -485,6 +486,17 @@ class Requantizer:
         ``{stored name: (tensor, first row)}``; the added error recorded."""
         if name not in self.parts:
             return {name: (t.to(self._dtype(name, t.dtype)), start)}
+        per_tensor = math.prod(self.stored[self.parts[name]["scale"]][0]) == 1 and self.quant.method != MXFP4
+        if per_tensor and t.dim() == 3 and start > 0:
+            raise D2PruneError(f"{name} has one scale for all its experts: it cannot be re-quantized a group of "
+                               "experts at a time; use --save-format dense")
+        nbytes = t.numel() * t.element_size()
+        if t.dim() == 3 and t.shape[0] > 1 and nbytes > ENCODE_BYTES and not per_tensor:
+            # experts are quantized independently: a few at a time, so the fp32 temporaries stay small
+            step = max(1, t.shape[0] * ENCODE_BYTES // nbytes)
+            pieces = [self.encode(name, t[e:e + step], start + e) for e in range(0, t.shape[0], step)]
+            return {k: (torch.cat([p[k][0] for p in pieces if k in p]) if k in pieces[-1] else v, first)
+                    for k, (v, first) in pieces[0].items()}
         made = self._quantize(name, t)
         back = self.quant.dequantize(name, {"q": made[self.parts[name]["q"]],
                                             "scale": made[self.parts[name]["scale"]]}, torch.float32)
