@@ -482,3 +482,43 @@ def test_full_disk_while_requantizing(tmp_path, capsys, monkeypatch, stream):
     assert main(["-q", *args]) == 0
     assert "quantization_config" in json.loads((out / "config.json").read_text())
 
+
+
+@needs_shared
+def test_compressed_tensors_fp8_written_back_per_channel(tmp_path):
+    """stories260K as compressed-tensors FP8 (one bf16 scale per channel,
+    quantized here independently), pruned streamed: written back with the
+    input's names, shapes and dtypes, new per-channel scales, every pruned
+    weight de-quantized at the target sparsity."""
+    import shutil
+
+    from conftest import STORIES
+    from d2prune.io.quantized import describe
+    from d2prune.io.streaming import QuantizedReader
+
+    (tmp_path / "in").mkdir()
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "config.json"):
+        shutil.copy(STORIES / f, tmp_path / "in" / f)
+    out = {}
+    for k, v in load_file(str(STORIES / "model.safetensors")).items():
+        v = v.to(torch.bfloat16)
+        if k.endswith("proj.weight"):
+            s = v.abs().amax(1, keepdim=True) / 448.0
+            out[k], out[k + "_scale"] = (v / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+        else:
+            out[k] = v
+    save_file(out, str(tmp_path / "in" / "model.safetensors"), metadata={"format": "pt"})
+    section = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}},
+        "ignore": ["lm_head"]}
+    _requantize_config(tmp_path / "in", section)
+    _prune(tmp_path / "in", tmp_path / "out", "--stream", "on")
+    got = _tensors(tmp_path / "out")
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in out.items()}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == section
+    reader = QuantizedReader(tmp_path / "out", describe(section))
+    pruned = [k for k in out if k.endswith("proj.weight")]
+    assert len(pruned) == 5 * 7
+    for k in pruned:
+        assert not torch.equal(got[k + "_scale"], out[k + "_scale"])  # new scales, from the pruned weight
+        assert float((reader.get(k) == 0).float().mean()) >= 0.5, k
