@@ -334,7 +334,8 @@ def test_fp8_block_quantization_is_transformers_own():
         cfg = SimpleNamespace(weight_block_size=[16, 16], scale_fmt=fmt)
         want = Fp8Quantize(SimpleNamespace(quantization_config=cfg))._quantize_one("x.weight", w)
         q, s = quantize_fp8_block(w, (16, 16), want["x.weight_scale_inv"].dtype, fmt == "ue8m0")
-        assert torch.equal(_bits(q), _bits(want["x.weight"])) and torch.equal(s.float(), want["x.weight_scale_inv"].float())
+        assert torch.equal(_bits(q), _bits(want["x.weight"]))
+        assert torch.equal(s.float(), want["x.weight_scale_inv"].float())
         back = dequantize_fp8_block(q, s, (16, 16), torch.float32)
         assert torch.equal(back == 0, w == 0)
 
@@ -370,10 +371,10 @@ def test_compressed_tensors_fp8_quantization():
     for shape, block in (((16, 1), None), ((1,), None), ((2, 4), (8, 8))):
         q, s = quantize_ct_fp8(w, block, shape, torch.bfloat16)
         assert s.shape == shape and s.dtype == torch.bfloat16
-        x = w if block else w
         if shape == (16, 1):
-            ref = (x.abs().amax(1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).eps)
-            assert torch.equal(s, ref) and torch.equal(_bits(q), _bits((x / ref).clamp(-448, 448).to(torch.float8_e4m3fn)))
+            ref = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).eps)
+            assert torch.equal(s, ref)
+            assert torch.equal(_bits(q), _bits((w / ref).clamp(-448, 448).to(torch.float8_e4m3fn)))
         back = dequantize_ct_fp8(q, s, block, torch.float32)
         assert torch.equal(back == 0, w == 0)
 
@@ -414,10 +415,12 @@ def test_same_format_output(tmp_path, monkeypatch, layout):
     inp, on, off, dense = (_tensors(tmp_path / f) for f in ("in", "on", "off", "bf16"))
     assert {k: (v.shape, v.dtype) for k, v in on.items()} == {k: (v.shape, v.dtype) for k, v in inp.items()}
     assert set(off) == set(on) and all(torch.equal(_bits(v), _bits(off[k])) for k, v in on.items())
-    quantized = [k for k, v in inp.items() if v.dtype in (torch.float8_e4m3fn, torch.uint8) and not k.endswith("scales")]
+    quantized = [k for k, v in inp.items()
+                 if v.dtype in (torch.float8_e4m3fn, torch.uint8) and not k.endswith("scales")]
     assert quantized and not any(torch.equal(_bits(on[k]), _bits(inp[k])) for k in quantized)  # new values
     config = json.loads((tmp_path / "on" / "config.json").read_text())
-    assert config["quantization_config"] == json.loads((tmp_path / "in" / "config.json").read_text())["quantization_config"]
+    section = json.loads((tmp_path / "in" / "config.json").read_text())["quantization_config"]
+    assert config["quantization_config"] == section
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "on").eval()  # on a CPU: de-quantized
@@ -476,8 +479,10 @@ def test_full_disk_while_requantizing(tmp_path, capsys, monkeypatch, stream):
             "--seqlen", "16", "--calib-file", str(C4), "--no-eval", "--stream", stream, "--out", str(out)]
     assert main(args) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "Writing model shards" not in line]
-    assert len(calls) == 5 and len(err) == 1 and err[0].startswith("d2prune: error: no space left on device while writing")
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.work"]
+    assert len(calls) == 5 and len(err) == 1
+    assert err[0].startswith("d2prune: error: no space left on device while writing")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.work"]
     monkeypatch.setattr(streaming.SafetensorsWriter, "write", real)
     assert main(["-q", *args]) == 0
     assert "quantization_config" in json.loads((out / "config.json").read_text())

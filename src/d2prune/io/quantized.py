@@ -472,7 +472,8 @@ class Requantizer:
             q, s = quantize_ct_fp8(t, self.quant.block, shape, dtype)
         return {parts["q"]: q, parts["scale"]: s}
 
-    def spec(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def spec(self, name: str, shape: tuple[int, ...],
+             dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The stored tensors (shape, dtype) tensor ``name`` of ``shape`` is written as."""
         if name not in self.parts:
             return {name: (tuple(shape), self._dtype(name, dtype))}
