@@ -169,10 +169,11 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     add_zeroshot_flags(p, with_switch=True)
     p.add_argument("--out", default=None, help="output folder (written atomically); omit to keep nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
-                   help="dense: save_pretrained's layout; compressed: each sparse matrix as a bitmask (or 2:4 / 4:8 "
-                        "indices) + its non-zero values, loaded back by AutoModelForCausalLM.from_pretrained after "
-                        "`import d2prune`")
+    p.add_argument("--save-format", default="same", choices=["same", "dense", "bf16", "compressed"],
+                   help="same (default): the input's format: an FP8 / MXFP4 checkpoint re-quantized with new scales "
+                        "(docs/quantized.md), any other as dense; dense: save_pretrained's float layout; bf16: dense, "
+                        "in bf16; compressed: each sparse matrix as a bitmask (or 2:4 / 4:8 indices) + its non-zero "
+                        "values, loaded back by AutoModelForCausalLM.from_pretrained after `import d2prune`")
     p.add_argument("--json", action="store_true", help="print the d2prune.json record on stdout")
     s = p.add_argument_group("scale")
     s.add_argument("--stream", default="auto", choices=["auto", "on", "off"],

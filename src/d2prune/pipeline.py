@@ -107,19 +107,21 @@ def evaluate_ppl(model, tokenizer, data: DataConfig, seqlen: int, device=None,
     return out
 
 
-SAVE_FORMATS = ("dense", "compressed")
+SAVE_FORMATS = ("same", "dense", "bf16", "compressed")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     """Where the pruned model goes: ``out`` (None: nowhere, only the record is
     returned), whether an existing d2prune output there may be replaced, and
-    the format (``dense``: ``save_pretrained``'s layout; ``compressed``:
-    :mod:`d2prune.deploy.compress`, bitmask / N:M indices + values)."""
+    the format (``same``: the input's: an FP8 / MXFP4 input re-quantized into
+    its own format (docs/quantized.md §4), any other ``dense``; ``dense``:
+    ``save_pretrained``'s float layout; ``bf16``: ``dense`` of bf16 weights;
+    ``compressed``: :mod:`d2prune.deploy.compress`, bitmask / N:M indices + values)."""
 
     out: str | None = None
     overwrite: bool = False
-    save_format: str = "dense"
+    save_format: str = "same"
 
     def __post_init__(self) -> None:
         if self.save_format not in SAVE_FORMATS:
@@ -186,6 +188,7 @@ def run(model_name: str | None, config: PruneConfig, data: DataConfig, output: O
     device = pick_device(config.device)
     config = replace(config, device=str(device))  # resolved once: prune() and evaluation get this device
     opened = _open(model_name, options, device, inputs, zero_shot)
+    _check_save_format(opened, output)
     cal = _calibration(opened, config, data, inputs)
     budget, offload = _plan_memory(opened, config, data, cal, device, options, output)
     work = _work_folder(opened, config, cal, options, output, offload)
@@ -254,6 +257,20 @@ def _open(model_name: str | None, options: RunOptions, device: torch.device, inp
     return opened
 
 
+def _check_save_format(opened, output: OutputConfig) -> None:
+    """``--save-format bf16`` writes the weights in the dtype they are pruned
+    in: refused before any pruning when that is not bf16."""
+    if output.out is not None and output.save_format == "bf16" and opened.storage_dtype != torch.bfloat16:
+        dtype = str(opened.storage_dtype).removeprefix("torch.")
+        raise D2PruneError(f"--save-format bf16: {opened.description} is pruned in {dtype}; pass --dtype bfloat16 "
+                           f"to prune and write it in bf16, or --save-format dense to write {dtype}")
+
+
+def requantizes(opened, output: OutputConfig) -> bool:
+    """The output is written re-quantized into the input's format (``same`` on an FP8 / MXFP4 input)."""
+    return output.save_format == "same" and getattr(opened, "quantization", None) is not None
+
+
 def _calibration(opened, config: PruneConfig, data: DataConfig, inputs: RunInputs) -> Calibration:
     """Calibration samples (and held-out ones for a search), and the evaluation
     windows, right after the model loads (a text shorter than ``--seqlen`` fails here)."""
@@ -280,6 +297,9 @@ def _plan_memory(opened, config: PruneConfig, data: DataConfig, cal: Calibration
     out = output.out
     writes = Writes(out=out is not None, block_copies=config.method.block_copies,
                     compressed=config.sparsity if output.save_format == "compressed" else None,
+                    # streamed and re-quantized: the output is the input's size (converted as it is written)
+                    requantized=sum(f.stat().st_size for f in opened.files)
+                    if requantizes(opened, output) and opened.streamed else None,
                     side_bytes=side_files_bytes(opened.files) if out is not None else 0,
                     eval_samples=sum(min(len(w), data.eval_windows or len(w)) for w in cal.windows.values()))
     args = (opened, cal.samples, cal.seqlen, device, hessians, config.method.activation_buffers)
@@ -374,15 +394,50 @@ def _save(opened, record: dict, output: OutputConfig, work: WorkFolder | None) -
     from the work folder's shards; ``compressed`` re-encodes the sparse matrices."""
     model = opened.model
     writer = None
+    requant = _requantizer(opened) if requantizes(opened, output) else None
     if opened.streamed:
         shards = [work.block_path(i) for i in range(len(opened.source.blocks))]
-        writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype)  # noqa: E731
+        writer = lambda folder: write_sharded(model, opened.reader, shards, folder, opened.storage_dtype,  # noqa: E731
+                                              requant)
+    if requant is not None:
+        writer = _requantizing(writer, model, requant, record)
     if output.save_format == "compressed":
         from .deploy.compress import compressing
 
         writer = compressing(writer or (lambda folder: model.save_pretrained(folder, safe_serialization=True)), record)
     path = save_pruned(model, opened.tokenizer, output.out, record, output.overwrite, write_weights=writer)
     log.info("saved pruned model to %s", path)
+
+
+def _requantizer(opened):
+    """The :class:`~d2prune.io.quantized.Requantizer` of the input checkpoint (its shard headers)."""
+    from .io.streaming import requantizer_for
+
+    log.info("writing the pruned model in the input's format, %s, with scales computed from the pruned weights",
+             opened.quantization.describe())
+    return requantizer_for(opened.folder, opened.quantization)
+
+
+def _requantizing(writer, model, requant, record: dict):
+    """A ``write_weights(folder)`` writing the output re-quantized
+    (docs/quantized.md §4): streamed, ``writer`` converts as it writes; in
+    memory, ``save_pretrained``'s float shards are converted one at a time.
+    ``config.json`` keeps the input's ``quantization_config``; ``record``
+    gains ``requantization`` and each pruned layer's ``requant_error``."""
+    from .io.streaming import keep_quantization_config, requantize_folder
+
+    def write(folder: Path) -> None:
+        if writer is not None:
+            writer(folder)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
+            requantize_folder(folder, requant)
+        keep_quantization_config(folder, requant.quant.config)
+        record["requantization"] = requant.report()
+        for row in record.get("layers", []):
+            row["requant_error"] = requant.error_of(row["name"])
+
+    return write
 
 
 def _image_folders(data: DataConfig, zero_shot: dict | None) -> dict:

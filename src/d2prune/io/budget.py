@@ -72,6 +72,7 @@ class Writes:
     compressed: Sparsity | None = None
     side_bytes: int = 0
     eval_samples: int = 0
+    requantized: int | None = None  # a streamed output re-quantized into the input's format: its weights' bytes
 
 
 def side_files_bytes(files: list[Path]) -> int:
@@ -118,6 +119,8 @@ def scratch_disk(opened, writes: Writes, offload: str | None, activations: int, 
         total += writes.block_copies * (n_blocks * block_file + rows)
     if writes.out:
         dense = _nbytes(outside) + TENSOR_ENTRY * len(outside) + n_blocks * block_file
+        if writes.requantized is not None:  # converted as it is written: the input's size, not the float one's
+            dense = writes.requantized
         total += dense + writes.side_bytes + rows
         if writes.compressed is not None:  # the dense staging copy and the compressed weights, at once
             stored, entries = 0, 0

@@ -305,3 +305,244 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype, name: s
     out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
     torch.ldexp(out, exp, out=out)
     return out.reshape(*prefix, groups * nbytes * 2).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- quantizing (the output)
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+UE8M0 = "ue8m0"
+
+
+def _e8m0(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Power-of-two scales stored as ``dtype``: fp32 / bf16 as they are,
+    ``float8_e8m0fnu`` exactly, ``uint8`` as the biased exponent byte."""
+    if dtype == torch.uint8:
+        return (torch.log2(scale) + 127).round().clamp(0, 254).to(torch.uint8)
+    return scale.to(dtype)
+
+
+def quantize_fp8_block(w: Tensor, block: tuple[int, int] | None, scale_dtype: torch.dtype = torch.float32,
+                       ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """``w [..., rows, cols]`` -> ``(e4m3 values, weight_scale_inv)``: the
+    inverse of :func:`dequantize_fp8_block`, with transformers' numerics
+    (``Fp8Quantize``: per ``block`` tile, ``scale = 448 / amax`` in fp32, an
+    all-zero tile scaled by 1, ``q = clamp(w * scale, ±448)`` cast to e4m3,
+    ``weight_scale_inv = 1 / scale``; ``ue8m0``: the inverse rounded up to a
+    power of two first, as DeepSeek-V3.1's ``scale_fmt: ue8m0``). A block
+    that does not divide the weight leaves a partial last tile, whose amax is
+    over the elements it has (DeepSeek's own ``weight_dequant`` grid). ``block``
+    None: one scale for the tensor. Zeros stay exact zeros (0 * scale = 0)."""
+    rows, cols = w.shape[-2:]
+    bm, bn = block or (rows, cols)
+    e8m0 = scale_dtype in (torch.uint8, getattr(torch, "float8_e8m0fnu", None))
+    ue8m0 = ue8m0 or e8m0  # scales stored as exponents are powers of two
+    sr, sc = math.ceil(rows / bm), math.ceil(cols / bn)
+    x = w.to(torch.float32)
+    if (sr * bm, sc * bn) != (rows, cols):  # zeros do not change a tile's amax
+        x = torch.nn.functional.pad(x, (0, sc * bn - cols, 0, sr * bm - rows))
+    tiles = x.reshape(*w.shape[:-2], sr, bm, sc, bn)
+    amax = tiles.abs().amax(dim=(-3, -1))
+    scale = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    inv = 1.0 / scale
+    if ue8m0:  # the stored inverse is a power of two; the forward scale its exact reciprocal
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        scale = 1.0 / inv
+    q = torch.clamp(tiles * scale[..., :, None, :, None], -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = q.reshape(*w.shape[:-2], sr * bm, sc * bn)[..., :rows, :cols].contiguous()
+    if block is None:
+        inv = inv.reshape(inv.shape[:-2])
+    return q, (_e8m0(inv, scale_dtype) if e8m0 else inv.to(scale_dtype))
+
+
+def quantize_ct_fp8(w: Tensor, block: tuple[int, int] | None, scale_shape: tuple[int, ...],
+                    scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``w`` -> ``(e4m3 values, weight_scale)`` as compressed-tensors'
+    symmetric FP8 ``quantize`` does: ``scale = amax / 448`` in the scale's
+    dtype (at least fp32's eps), ``q = clamp(w / scale, ±448)`` cast to e4m3,
+    per tensor, per channel (``[rows, 1]``) or per block; which one is the
+    input's (``scale_shape``: the input's scale tensor). The inverse of
+    :func:`dequantize_ct_fp8`; zeros stay exact zeros."""
+    rows, cols = w.shape[-2:]
+    x = w.to(scale_dtype)
+    if math.prod(scale_shape) == 1 and (block is None or len(scale_shape) <= 1):  # per tensor
+        s = (x.abs().amax().to(scale_dtype) / FP8_MAX).clamp(min=torch.finfo(torch.float32).eps)
+        q = torch.clamp(x / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return q, s.reshape(scale_shape)
+    if block is None:  # per channel: one scale per row
+        s = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).eps)
+        q = torch.clamp(x / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return q, (s.squeeze(-1) if len(scale_shape) == w.dim() - 1 else s)  # [rows, 1] or [rows], as the input
+    bm, bn = block
+    sr, sc = math.ceil(rows / bm), math.ceil(cols / bn)
+    pad = torch.nn.functional.pad(x.float(), (0, sc * bn - cols, 0, sr * bm - rows)).to(scale_dtype)
+    amax = pad.reshape(*w.shape[:-2], sr, bm, sc, bn).abs().amax(dim=(-3, -1))
+    s = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.clamp(x / _expand(s, bm, bn, rows, cols), -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def quantize_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``w [E, G * 32, rows]`` (GPT-OSS's experts layout) -> MXFP4 ``blocks
+    [E, rows, G, 16]`` and e8m0 ``scales [E, rows, G]``: the inverse of
+    :func:`dequantize_mxfp4`, with the numerics of the triton kernel that
+    transformers quantizes with (``downcast_to_mxfp``): per 32 values,
+    ``scale = amax / 6`` rounded *up* to a power of two (so no value clips),
+    each value divided by it and rounded to the nearest e2m1 value, ties away
+    from zero, packed two per byte, low nibble first. Zeros stay exact zeros
+    (nibble 0, or 8: -0)."""
+    x = w.to(torch.float32).transpose(1, 2)  # [E, rows, G * 32]
+    E, rows, K = x.shape
+    if K % MX_GROUP:
+        raise D2PruneError(f"cannot quantize a weight of {K} values per row to MXFP4: not a multiple of {MX_GROUP}")
+    g = x.reshape(E, rows, K // MX_GROUP, MX_GROUP)
+    bits = ((g.abs().amax(-1) / 6.0).view(torch.int32) + 0x007FFFFF) & 0x7F800000  # rounded up to 2^e
+    scale = bits.view(torch.float32)
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / torch.where(scale == 0, torch.ones_like(scale), scale))
+    v = (g * inv[..., None]).view(torch.int32)
+    sign = (v >> 31) & 1
+    exp = (v >> 23) & 0xFF
+    man = v & 0x7FFFFF
+    # below 1 the value is an e2m1 subnormal (0, 0.5): the implicit bit moved into the mantissa
+    shift = (126 - exp).clamp(0, 31)
+    man = torch.where(exp < 127, (0x400000 | (man >> 1)) >> shift, man)
+    exp = exp.clamp(min=126) - 126
+    code = torch.clamp((((exp << 2) | (man >> 21)) + 1) >> 1, max=7) | (sign << 3)
+    code = code.to(torch.uint8)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).contiguous()
+    return blocks, (bits >> 23).to(torch.uint8)
+
+
+ENCODE_BYTES = 1 << 26  # fused experts are re-quantized this many bytes of them at a time (fp32 temporaries: ~8x)
+REQUANT_ERROR = ("||W - D(Q(W))||_F^2 / ||W||_F^2 per weight: W the pruned float weight as written before "
+                 "re-quantization, D(Q(W)) the weight the output de-quantizes to (an expert of a fused tensor: "
+                 "its slice)")
+
+
+class Requantizer:
+    """The pruned model's float tensors, by checkpoint name (as the dense
+    output writes them), encoded back into the input checkpoint's format:
+    every tensor that was quantized in the input (``stored``: the input's
+    tensors, ``{name: (shape, dtype)}``) becomes the same stored tensors
+    (values, and scales of the input's dtype and granularity) computed from
+    the pruned weight; every other one is written as it is. The input's
+    other quantization tensors (static ``input_scale``, ``k_scale`` ...)
+    are copied beside the weight of their module (``read``: stored names ->
+    the input's tensors). :meth:`encode` records the added error per weight
+    (:data:`REQUANT_ERROR`). Pure tensor code: ``read`` does the reading."""
+
+    def __init__(self, quant: Quantization, stored: dict[str, tuple[tuple[int, ...], torch.dtype]], read):
+        self.quant = quant
+        self.stored = stored
+        self.read = read
+        self.parts, hidden = quant.plan({n: d for n, (_, d) in stored.items()})
+        for name, parts in self.parts.items():
+            if quant.method != MXFP4 and stored[parts["q"]][1] != torch.float8_e4m3fn:
+                raise D2PruneError(f"tensor {parts['q']} is stored in {stored[parts['q']][1]}: d2prune writes FP8 "
+                                   "back as e4m3 only; use --save-format dense")
+        taken = {p for parts in self.parts.values() for p in parts.values()}
+        self.extras: dict[str, list[str]] = {}  # weight -> the input's other quantization tensors written beside it
+        weights = sorted(self.parts)
+        for extra in sorted(hidden - taken):
+            module = extra.rpartition(".")[0]
+            while module:
+                near = [w for w in weights if w.startswith(module + ".")]
+                if near:
+                    self.extras.setdefault(near[0], []).append(extra)
+                    break
+                module = module.rpartition(".")[0]
+        self.errors: dict[tuple[str, int | None], list[float]] = {}  # (weight, expert or None) -> [error, norm]
+
+    def _dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """A float tensor that was not quantized is written in the input's dtype
+        (the model may hold it wider: DeepSeek-V3's router computes in fp32)."""
+        if name in self.stored and dtype.is_floating_point and self.stored[name][1].is_floating_point:
+            return self.stored[name][1]
+        return dtype
+
+    def _quantize(self, name: str, t: Tensor) -> dict[str, Tensor]:
+        parts = self.parts[name]
+        if self.quant.method == MXFP4:
+            blocks, scales = quantize_mxfp4(t)
+            return {parts["q"]: blocks, parts["scale"]: scales}
+        shape, dtype = self.stored[parts["scale"]]
+        if self.quant.method == FP8_BLOCK:
+            q, s = quantize_fp8_block(t, self.quant.block, dtype, self.quant.config.get("scale_fmt") == UE8M0)
+            if self.quant.block is None:
+                s = s.reshape(shape)  # per tensor: the input's own shape ([] or [1])
+        else:
+            q, s = quantize_ct_fp8(t, self.quant.block, shape, dtype)
+        return {parts["q"]: q, parts["scale"]: s}
+
+    def spec(self, name: str, shape: tuple[int, ...],
+             dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The stored tensors (shape, dtype) tensor ``name`` of ``shape`` is written as."""
+        if name not in self.parts:
+            return {name: (tuple(shape), self._dtype(name, dtype))}
+        made = self._quantize(name, torch.empty(shape, dtype=dtype, device="meta"))
+        out = {k: (tuple(v.shape), v.dtype) for k, v in made.items()}
+        out.update({e: self.stored[e] for e in self.extras.get(name, ())})
+        return out
+
+    def encode(self, name: str, t: Tensor, start: int = 0) -> dict[str, tuple[Tensor, int]]:
+        """Tensor ``name`` (or its rows ``start:``, a group of experts) as
+        ``{stored name: (tensor, first row)}``; the added error recorded."""
+        if name not in self.parts:
+            return {name: (t.to(self._dtype(name, t.dtype)), start)}
+        per_tensor = math.prod(self.stored[self.parts[name]["scale"]][0]) == 1 and self.quant.method != MXFP4
+        if per_tensor and t.dim() == 3 and start > 0:
+            raise D2PruneError(f"{name} has one scale for all its experts: it cannot be re-quantized a group of "
+                               "experts at a time; use --save-format dense")
+        nbytes = t.numel() * t.element_size()
+        if t.dim() == 3 and t.shape[0] > 1 and nbytes > ENCODE_BYTES and not per_tensor:
+            # experts are quantized independently: a few at a time, so the fp32 temporaries stay small
+            step = max(1, t.shape[0] * ENCODE_BYTES // nbytes)
+            pieces = [self.encode(name, t[e:e + step], start + e) for e in range(0, t.shape[0], step)]
+            return {k: (torch.cat([p[k][0] for p in pieces if k in p]) if k in pieces[-1] else v, first)
+                    for k, (v, first) in pieces[0].items()}
+        made = self._quantize(name, t)
+        back = self.quant.dequantize(name, {"q": made[self.parts[name]["q"]],
+                                            "scale": made[self.parts[name]["scale"]]}, torch.float32)
+        w = t.to(torch.float32)
+        dims = tuple(range(1, w.dim()))
+        if w.dim() == 3:  # experts: one error each
+            err, norm = ((w - back) ** 2).sum(dims).double(), (w ** 2).sum(dims).double()
+            for e in range(w.shape[0]):
+                self.errors[(name, start + e)] = [float(err[e]), float(norm[e])]
+        else:
+            self.errors[(name, None)] = [float(((w - back) ** 2).sum().double()), float((w ** 2).sum().double())]
+        del w, back
+        out = {k: (v, start) for k, v in made.items()}
+        if start == 0 and self.extras.get(name):
+            out.update({k: (v, 0) for k, v in self.read(self.extras[name]).items()})
+        return out
+
+    def encode_all(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Whole tensors by checkpoint name -> the stored tensors."""
+        return {k: v for name, t in tensors.items() for k, (v, _) in self.encode(name, t).items()}
+
+    def error_of(self, layer: str) -> float | None:
+        """The added error of the pruned layer ``layer`` (a report row's name:
+        ``model.layers.3.mlp.up_proj``, or an expert's ``...experts.5.up_proj``
+        whose checkpoint tensor is per expert or fused); None when its weight
+        was not quantized in the input. The gate and up rows of a fused
+        ``gate_up_proj`` share their expert's error."""
+        got = self.errors.get((layer + ".weight", None))
+        if got is None:
+            module, _, role = layer.rpartition(".")
+            experts, _, index = module.rpartition(".")
+            if index.isdigit():
+                for fused in ({"gate_proj": ("gate_up_proj",), "up_proj": ("gate_up_proj", "up_proj"),
+                               "down_proj": ("down_proj",)}.get(role, ())):
+                    got = self.errors.get((f"{experts}.{fused}", int(index)))
+                    if got is not None:
+                        break
+        if got is None:
+            return None
+        return got[0] / got[1] if got[1] > 0 else 0.0
+
+    def report(self) -> dict:
+        """The d2prune.json ``requantization`` section."""
+        err = sum(e for e, _ in self.errors.values())
+        norm = sum(n for _, n in self.errors.values())
+        return {"format": self.quant.describe(), "quant_method": self.quant.method,
+                "weights": len({n for n, _ in self.errors}), "error": err / norm if norm > 0 else 0.0,
+                "error_definition": REQUANT_ERROR}

@@ -775,7 +775,7 @@ REST_SHARD_BYTES = 1 << 30  # what is outside the blocks goes to shards of at mo
 
 
 def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list[Path], folder: str | os.PathLike,
-                  storage: torch.dtype) -> None:
+                  storage: torch.dtype, requant=None) -> None:
     """Write ``model`` into ``folder`` as an ordinary sharded checkpoint in the
     input checkpoint's own layout (its tensor names and shapes: the reverse of
     the conversions it was read with, as ``save_pretrained`` writes it): first
@@ -784,7 +784,10 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
     already written in the model's layout; hard-linked when that is the
     checkpoint's too, so no block passes through RAM again, else converted
     back one parameter group at a time), ``model.safetensors.index.json`` and
-    the config (``dtype`` = the storage dtype; no ``auto_map``)."""
+    the config (``dtype`` = the storage dtype; no ``auto_map``). ``requant``
+    (a :class:`~d2prune.io.quantized.Requantizer`): the tensors quantized in
+    the input are written re-quantized, converted as they are written (one
+    tensor, or one group of experts, at a time: no block shard is linked)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -819,6 +822,8 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
         tensors.update({n: buffers[n].detach().to("cpu").contiguous() for n in names if n in buffers})
         if mapping is not None:
             tensors = mapping.revert(tensors)
+        if requant is not None:
+            tensors = requant.encode_all(tensors)
         save_file(tensors, str(folder / shard_name(k + 1, total)), metadata={"format": "pt"})
         weight_map.update({n: shard_name(k + 1, total) for n in tensors})
         size += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -827,7 +832,9 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
         dst = folder / shard_name(len(groups) + i + 1, total)
         with safe_open(str(src), "pt") as f:  # the header only: no tensor is read
             names = list(f.keys())
-        if mapping is None or mapping.written_as_read(names):
+        if requant is not None and mapping is None:
+            raise D2PruneError("re-quantizing a streamed output needs the checkpoint's key mapping")
+        if requant is None and (mapping is None or mapping.written_as_read(names)):
             try:
                 os.link(src, dst)
             except OSError:
@@ -835,7 +842,7 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
 
                 shutil.copyfile(src, dst)
         else:  # back to the checkpoint's layout (e.g. one tensor per expert), one conversion's parameters at a time
-            write_reverted(mapping, src, names, dst)
+            write_reverted(mapping, src, names, dst, requant)
             trim_heap()
         with safe_open(str(dst), "pt") as f:  # the header only: no tensor is read
             for name in f.keys():
@@ -860,11 +867,13 @@ def write_sharded(model: nn.Module, reader: CheckpointReader, block_shards: list
 EXPERT_CHUNK_BYTES = 1 << 29  # fused experts larger than this are written back a group of experts at a time
 
 
-def write_reverted(mapping, src: Path, names: list[str], dst: Path) -> None:
+def write_reverted(mapping, src: Path, names: list[str], dst: Path, requant=None) -> None:
     """Block shard ``src`` (``names``, in the model's layout) written to
     ``dst`` in the checkpoint's layout, one conversion at a time; fused
     experts larger than :data:`EXPERT_CHUNK_BYTES` a group of experts at a
-    time (a DeepSeek-V3 block's are ~7 GB each), so RAM never holds one whole."""
+    time (a DeepSeek-V3 block's are ~7 GB each), so RAM never holds one whole.
+    ``requant``: each tensor re-quantized into the input's format as it is
+    written (:meth:`~d2prune.io.quantized.Requantizer.encode`)."""
     from safetensors import safe_open
 
     with safe_open(str(src), "pt") as f:  # the header only
@@ -872,7 +881,17 @@ def write_reverted(mapping, src: Path, names: list[str], dst: Path) -> None:
         dtypes = {n: _ST_DTYPES[f.get_slice(n).get_dtype()] for n in names}
     specs = {k: (tuple(v.shape), v.dtype) for k, v in
              mapping.revert({n: torch.empty(shapes[n], dtype=dtypes[n], device="meta") for n in names}).items()}
+    if requant is not None:
+        specs = {k: v for name, (shape, dtype) in specs.items() for k, v in requant.spec(name, shape, dtype).items()}
     writer = SafetensorsWriter(dst, specs, {"format": "pt"})
+
+    def put(name: str, t: Tensor, start: int = 0) -> None:
+        if requant is None:
+            writer.write(name, t, start)
+            return
+        for k, (v, first) in requant.encode(name, t, start).items():
+            writer.write(k, v, first)
+
     try:
         for g in mapping.groups_of(names):
             targets = [t for t in g.targets if t in names]
@@ -880,19 +899,86 @@ def write_reverted(mapping, src: Path, names: list[str], dst: Path) -> None:
             nbytes = sum(math.prod(shapes[t]) * torch.empty((), dtype=dtypes[t]).element_size() for t in targets)
             if len(rows) != 1 or any(len(shapes[t]) != 3 for t in targets) or nbytes <= EXPERT_CHUNK_BYTES:
                 for k, v in mapping.revert(read_safetensors(src, targets)).items():
-                    writer.write(k, v)
+                    put(k, v)
                 continue
             E = rows.pop()
             step = max(1, E * EXPERT_CHUNK_BYTES // nbytes)
             for e0 in range(0, E, step):
                 part = {t: read_safetensors_rows(src, t, e0, min(E, e0 + step)) for t in targets}
                 for k, (v, start) in mapping.revert_rows(part, e0).items():
-                    writer.write(k, v, start)
+                    put(k, v, start)
                 del part
         writer.close()
     except BaseException:
         writer.abort()
         raise
+
+
+def requantizer_for(folder: str | os.PathLike, quant):
+    """A :class:`~d2prune.io.quantized.Requantizer` for the quantized
+    checkpoint in ``folder`` (``quant``: its format): the input's tensor
+    names, shapes and dtypes from the shard headers (no tensor is read)."""
+    from .quantized import Requantizer
+
+    raw = CheckpointReader(folder)
+    shapes, dtypes = raw.shapes(), raw.dtypes()
+    return Requantizer(quant, {n: (shapes[n], dtypes[n]) for n in shapes}, raw.get_many)
+
+
+def requantize_folder(folder: str | os.PathLike, requant) -> None:
+    """A float checkpoint in ``folder`` (``save_pretrained``'s output, in the
+    checkpoint's layout) re-quantized in place, one shard at a time (each
+    rewritten to ``.tmp`` and renamed over the float one: the disk holds one
+    shard twice at most), one tensor or one group of experts at a time; the
+    index rewritten with the stored names."""
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        dtypes = {k: _ST_DTYPES[v["dtype"]] for k, v in header.items()}
+        specs = {k: v for name in header for k, v in requant.spec(name, shapes[name], dtypes[name]).items()}
+        writer = SafetensorsWriter(path, specs, {"format": "pt"})
+        try:
+            for name in header:
+                nbytes = math.prod(shapes[name]) * torch.empty((), dtype=dtypes[name]).element_size()
+                E = shapes[name][0] if len(shapes[name]) == 3 else 1
+                step = E if nbytes <= EXPERT_CHUNK_BYTES else max(1, E * EXPERT_CHUNK_BYTES // nbytes)
+                for e0 in range(0, E, step):
+                    t = (read_safetensors_rows(path, name, e0, min(E, e0 + step)) if step < E
+                         else read_safetensors(path, [name])[name])
+                    for k, (v, first) in requant.encode(name, t, e0).items():
+                        writer.write(k, v, first)
+                    del t
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        trim_heap()
+    index = folder / INDEX_NAME
+    if index.is_file():
+        from safetensors import safe_open
+
+        weight_map, size = {}, 0
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    weight_map[name] = path.name
+                    size += math.prod(sl.get_shape()) * torch.empty(
+                        (), dtype=_ST_DTYPES[sl.get_dtype()]).element_size()
+        index.write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))},
+                                    indent=2) + "\n")
+
+
+def keep_quantization_config(folder: str | os.PathLike, section: dict) -> None:
+    """``config.json`` of a re-quantized output gets the input's
+    ``quantization_config`` back, as the input wrote it."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = section
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- choosing the path
@@ -912,6 +998,9 @@ class OpenedModel:
     storage_dtype: torch.dtype
     reader: CheckpointReader | None = None
     files: list[Path] = field(default_factory=list)
+    # the input's quantized format (io/quantized.py: FP8, MXFP4) and its folder; None: a float checkpoint
+    quantization: object | None = None
+    folder: Path | None = None
 
     @property
     def streamed(self) -> bool:
@@ -939,7 +1028,7 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
     tensors, take more than half the available RAM), else loaded in memory. Storage dtype: the checkpoint's
     (``dtype="auto"``) or the one asked for; blocks compute in fp32 on a CPU
     when stored in half precision (:func:`d2prune.io.modeling.compute_dtype_for`)."""
-    from .modeling import _dtype, image_classifier_class, load_model, resolve_source
+    from .modeling import _dtype, image_classifier_class, load_model, quantization, resolve_source
 
     if stream not in STREAM_CHOICES:
         raise D2PruneError(f"--stream {stream!r} is not valid: use {', '.join(STREAM_CHOICES)}")
@@ -974,11 +1063,15 @@ def open_model(name: str | None, dtype: str | torch.dtype | None, device: torch.
         model, tok, reader = load_streamed(str(gguf or folder), None if want == "auto" else want)
         storage = next(model.parameters()).dtype
         source = StreamedBlocks(find_blocks(model), reader, compute_dtype_for(device, storage))
-        return OpenedModel(model, tok, src.describe(), source, storage, reader, files)
+        quant = reader.quant if isinstance(reader, QuantizedReader) else None
+        return OpenedModel(model, tok, src.describe(), source, storage, reader, files, quant, folder)
     model, tok, _ = load_model(name, dtype=want)
     storage = next(model.parameters()).dtype
+    quant = quantization(src)
+    if quant is not None and not src.is_local:  # its files are in the hub cache (from_pretrained fetched them)
+        folder = Path(download_safetensors(src.path))
     return OpenedModel(model, tok, src.describe(), BlockSource(find_blocks(model), compute_dtype_for(device, storage)),
-                       storage, None, files)
+                       storage, None, files, quant, folder)
 
 
 def download_safetensors(repo: str) -> str:
