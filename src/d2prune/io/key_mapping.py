@@ -154,17 +154,7 @@ class KeyMapping:
         shapes = {k: tuple(tensors[k].shape) for k in group.keys}
         dtype = self.wanted.get(group.target, (None, None))[1]
         cast = {k: (tensors.pop(k).to(dtype) if dtype is not None else tensors.pop(k)) for k in group.keys}
-        if group.converter is None:
-            out = {group.target: cast[group.keys[0]]}
-        else:
-            conv = copy.deepcopy(group.converter)
-            for key, pattern in group.sources:
-                conv.add_tensor(group.target, key, pattern, cast.pop(key))
-            try:
-                made = conv.convert(group.target, model=self.model, config=self.model.config)
-            except Exception as e:
-                raise D2PruneError(self._diagnose(group, shapes, where, e)) from e
-            out = {k: (v[0] if isinstance(v, list) else v) for k, v in made.items()}
+        out = self._convert(group, cast, shapes, where)
         for name, t in out.items():
             want = self.wanted.get(name, (None,))[0]
             if want is not None and tuple(t.shape) != want:
@@ -181,6 +171,19 @@ class KeyMapping:
         for g in self.groups_of(names):
             out.update(self.build(g, get_many(g.keys), where))
         return {n: out[n] for n in names}
+
+    def _convert(self, group: Group, cast: dict[str, Tensor], shapes: dict[str, tuple], where: str) -> dict[str, Tensor]:
+        """``group``'s parameters made from its (cast) checkpoint tensors by a copy of its converter (consumed)."""
+        if group.converter is None:
+            return {group.target: cast[group.keys[0]]}
+        conv = copy.deepcopy(group.converter)
+        for key, pattern in group.sources:
+            conv.add_tensor(group.target, key, pattern, cast.pop(key))
+        try:
+            made = conv.convert(group.target, model=self.model, config=self.model.config)
+        except Exception as e:
+            raise D2PruneError(self._diagnose(group, shapes, where, e)) from e
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in made.items()}
 
     def read_rows(self, name: str, start: int, stop: int, get_many: Callable[[list[str]], dict[str, Tensor]],
                   get_rows: Callable[[str, int, int], Tensor], where: str = "") -> Tensor:
@@ -211,19 +214,7 @@ class KeyMapping:
             raise D2PruneError(f"{where}: {name} is built from {sorted(counts)} checkpoint tensors per source; its "
                                "experts cannot be read in groups")
         shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-        cast = {k: t.to(dtype) for k, t in tensors.items()}
-        if sub.converter is None:
-            out = cast[sub.keys[0]]
-        else:
-            conv = copy.deepcopy(sub.converter)
-            for key, pattern in sub.sources:
-                conv.add_tensor(sub.target, key, pattern, cast.pop(key))
-            try:
-                made = conv.convert(sub.target, model=self.model, config=self.model.config)
-            except Exception as e:
-                raise D2PruneError(self._diagnose(sub, shapes, where, e)) from e
-            out = made[name]
-            out = out[0] if isinstance(out, list) else out
+        out = self._convert(sub, {k: t.to(dtype) for k, t in tensors.items()}, shapes, where)[name]
         if tuple(out.shape) != (rows, *want[1:]):
             raise D2PruneError(self._diagnose(sub, shapes, where, None, name, tuple(out.shape), (rows, *want[1:])))
         return out
