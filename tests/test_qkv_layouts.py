@@ -1,6 +1,6 @@
 """D²Prune on fused and latent attention (issue 19): the rows d2prune calls q,
 k and v are the rows the model's own forward reads as queries, keys and values
-(GPT-NeoX, BLOOM, Persimmon, GPT-NeoX-Japanese, Falcon's three layouts,
+(GPT-NeoX, BLOOM, Persimmon, GPT-NeoX-Japanese, Falcon's three layouts, GPT-BigCode, CodeGen,
 DeepSeek-V2/V3 multi-head latent attention), and a prune freezes exactly them."""
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ CONFIGS = {
     "falcon_multi_query": lambda: tf.FalconConfig(multi_query=True, **FALCON),
     "falcon_per_head": lambda: tf.FalconConfig(multi_query=False, **FALCON),
     "falcon_alibi": lambda: tf.FalconConfig(multi_query=False, alibi=True, **FALCON),
+    # names other models use for other layouts: GPT-2's c_attn is [q; k; v] thirds, Phi-3's qkv_proj [q; k; v]
+    "gpt_bigcode_multi_query": lambda: tf.GPTBigCodeConfig(multi_query=True, n_embd=32, n_layer=2, n_head=4,
+                                                           vocab_size=128, n_positions=64),
+    "gpt_bigcode_per_head": lambda: tf.GPTBigCodeConfig(multi_query=False, n_embd=32, n_layer=2, n_head=4,
+                                                        vocab_size=128, n_positions=64),
+    "codegen": lambda: tf.CodeGenConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, rotary_dim=4),
     # MLA with the q bottleneck (q_a_proj / q_b_proj) and without (q_proj); dense MLPs, except deepseek_v3_moe
     "deepseek_v3": lambda: tf.DeepseekV3Config(q_lora_rank=24, first_k_dense_replace=2, rope_scaling=None, **MLA),
     "deepseek_v2": lambda: tf.DeepseekV2Config(q_lora_rank=None, first_k_dense_replace=2, **MLA),

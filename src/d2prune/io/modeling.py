@@ -520,6 +520,9 @@ QKV_NAMES = {
 FUSED_EQUAL_THIRDS = ("c_attn", "qkv", "W_pack")  # GPT-2 Conv1D, ViT/timm qkv, Baichuan: [q; k; v] rows
 FUSED_GQA = ("qkv_proj",)  # Phi-3: [q (n_heads*hd); k (n_kv*hd); v (n_kv*hd)]
 FUSED_INTERLEAVED = ("query_key_value",)  # GPT-NeoX, BLOOM, Falcon...: heads interleaved as the config says
+# fused layers whose name other models use for another layout: split by the model type's own rules
+FUSED_BY_MODEL = {("c_attn", "gpt_bigcode"), ("qkv_proj", "codegen")}
+CODEGEN_MP = 4  # CodeGenAttention.mp_num: its qkv_proj rows are 4 groups of [q | v | k]
 FUSED_UNSUPPORTED = ("Wqkv", "c_attn_qkv")  # fused layouts not split (rather than guessed)
 # multi-head latent attention (DeepSeek-V2/V3 and the models built on it; docs/method.md §4)
 MLA_Q = ("q_a_proj", "q_b_proj")  # q through a low-rank bottleneck: every row computes queries only
@@ -548,14 +551,16 @@ def _text_config(config):
     return get() if callable(get) else config
 
 
-def _grouped(groups: int, heads: tuple[int, int, int], hd: int) -> list[tuple[str, Rows]]:
+def _grouped(groups: int, heads: tuple[int, int, int], hd: int,
+             order: tuple[str, str, str] = ("q", "k", "v")) -> list[tuple[str, Rows]]:
     """Rows laid out as ``groups`` repeats of ``[q heads | k heads | v heads]``
-    (``heads`` = how many of each, ``hd`` rows per head), as index tensors (a
-    slice when a role's rows are contiguous)."""
-    nq, nk, _ = heads
+    (``heads`` = how many of each, ``hd`` rows per head; the roles in
+    ``order``), as index tensors (a slice when a role's rows are contiguous)."""
+    n0, n1, _ = heads
     idx = torch.arange(groups * sum(heads) * hd).view(groups, sum(heads), hd)
+    parts = dict(zip(order, (idx[:, :n0], idx[:, n0:n0 + n1], idx[:, n0 + n1:])))
     out = []
-    for role, part in (("q", idx[:, :nq]), ("k", idx[:, nq:nq + nk]), ("v", idx[:, nq + nk:])):
+    for role, part in ((r, parts[r]) for r in ("q", "k", "v")):
         rows = part.reshape(-1)
         contiguous = bool((rows[1:] - rows[:-1] == 1).all())
         out.append((role, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows))
@@ -571,6 +576,7 @@ def _query_key_value_groups(name: str, config, d_out: int) -> list[tuple[str, Ro
     cfg = _text_config(config)
     kind, heads = getattr(cfg, "model_type", None), getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
+    order = ("q", "k", "v")
     if kind == "falcon" and heads:
         kv = getattr(cfg, "num_kv_heads", None) or heads
         if getattr(cfg, "new_decoder_architecture", False):
@@ -581,6 +587,10 @@ def _query_key_value_groups(name: str, config, d_out: int) -> list[tuple[str, Ro
             groups, per = heads, (1, 1, 1)
     elif kind in PER_HEAD_QKV and heads:
         groups, per = heads, (1, 1, 1)
+    elif kind == "gpt_bigcode" and heads:  # GPTBigCodeAttention: multi-query [q | k | v], else per head
+        groups, per = (1, (heads, 1, 1)) if getattr(cfg, "multi_query", False) else (heads, (1, 1, 1))
+    elif kind == "codegen" and heads and heads % CODEGEN_MP == 0:  # CodeGenAttention: mp_num groups of [q | v | k]
+        groups, per, order = CODEGEN_MP, (heads // CODEGEN_MP,) * 3, ("q", "v", "k")
     else:
         raise D2PruneError(f"{name} fuses q/k/v in a layout d2prune does not know for model type {kind!r}: "
                            "use --frozen none")
@@ -588,7 +598,7 @@ def _query_key_value_groups(name: str, config, d_out: int) -> list[tuple[str, Ro
     if not groups or hd * heads != hidden or groups * sum(per) * hd != d_out:
         raise D2PruneError(f"cannot split fused q/k/v layer {name} ({d_out} rows) from the {kind} config: "
                            "use --frozen none")
-    return _grouped(groups, per, hd)
+    return _grouped(groups, per, hd, order)
 
 
 def _mla_parts(name: str, last: str, config, d_out: int) -> list[tuple[str, Rows]]:
@@ -627,6 +637,8 @@ def qkv_parts(name: str, layer: nn.Module, config) -> list[tuple[str, Rows]] | N
     """
     last = name.split(".")[-1]
     d_out = weight_matrix(layer).shape[0]
+    if (last, getattr(_text_config(config), "model_type", None)) in FUSED_BY_MODEL:
+        return _query_key_value_groups(name, config, d_out)
     for role, names in QKV_NAMES.items():
         if last in names:
             return [(role, slice(0, d_out))]
