@@ -249,3 +249,28 @@ def test_eval_reads_experts_in_groups_when_a_block_does_not_fit(tmp_path_factory
     grouped = pipeline.evaluate_model(str(folder), None, ppl=True, eval_file=str(WIKI), seqlen=16, eval_windows=2)
     assert propagated == [0, 1]
     assert grouped["ppl"]["ppl"] == pytest.approx(whole["ppl"]["ppl"], rel=1e-6)
+
+
+def test_a_replay_that_does_not_match_the_recorded_calls_fails_loudly():
+    """The grouped outputs are handed back call by call in the recorded order: a
+    block that calls its experts with other rows, more often or less often than
+    when they were recorded is refused, never given another call's outputs."""
+    from types import SimpleNamespace
+
+    from d2prune.engine.sequential import _Replay
+
+    rec = SimpleNamespace(calls=[(0, 3, None, None), (3, 2, None, None)])
+    out = torch.arange(10.0).reshape(5, 2)
+    x3, x2 = torch.zeros(3, 2), torch.zeros(2, 2)
+    r = _Replay(rec, out)
+    assert torch.equal(r(x3, None, None), out[:3]) and torch.equal(r(x2, None, None), out[3:])
+    r.check_done()
+    with pytest.raises(D2PruneError, match="call 3 of 2"):
+        r(x2, None, None)  # one call too many
+    r = _Replay(rec, out)
+    with pytest.raises(D2PruneError, match="call 1 of 2"):
+        r(x2, None, None)  # other rows than recorded
+    r = _Replay(rec, out)
+    r(x3, None, None)
+    with pytest.raises(D2PruneError, match="call 2 of 2"):
+        r.check_done()  # one call too few

@@ -308,7 +308,7 @@ class _Recorder:
         self.used += n
         return torch.zeros_like(x)
 
-    def replay(self, module: nn.Module, device: torch.device, out: Tensor | None = None) -> None:
+    def replay(self, module: nn.Module, device: torch.device, out: Tensor | None = None) -> Iterator[int]:
         """Every recorded call through ``module``'s active experts (their
         outputs added to ``out``'s rows when given, else dropped)."""
         state = module._d2prune_experts
@@ -333,9 +333,21 @@ class _Replay:
         self.recorder, self.out, self.k = recorder, out, 0
 
     def __call__(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        if self.k >= len(self.recorder.calls) or self.recorder.calls[self.k][1] != x.shape[0]:
+            raise D2PruneError(self.mismatch())
         r0, n, _, _ = self.recorder.calls[self.k]
         self.k += 1
         return self.out[r0:r0 + n].to(device=x.device, dtype=x.dtype)
+
+    def mismatch(self) -> str:
+        return (f"the block called its experts otherwise than when their inputs were recorded (call {self.k + 1} of "
+                f"{len(self.recorder.calls)}): its outputs cannot be computed in expert groups")
+
+    def check_done(self) -> None:
+        """Every recorded call was answered (a block that called its experts fewer times would
+        otherwise leave outputs of the recorded pass unused, silently)."""
+        if self.k != len(self.recorder.calls):
+            raise D2PruneError(self.mismatch())
 
 
 def make_recorders(block: nn.Module, modules: list[nn.Module], inputs: BlockInputs) -> dict[nn.Module, _Recorder]:
@@ -370,7 +382,6 @@ def _record(block: nn.Module, i: int, inputs: BlockInputs, batch: int, recorders
             m._d2prune_experts.intercept = None
 
 
-
 @torch.no_grad()
 def propagate_in_groups(block: nn.Module, i: int, inputs: BlockInputs, batch: int = 1,
                         recorders: dict[nn.Module, "_Recorder"] | None = None) -> None:
@@ -378,6 +389,7 @@ def propagate_in_groups(block: nn.Module, i: int, inputs: BlockInputs, batch: in
     experts computed a group at a time (module docstring, step 3)."""
     modules = grouped_modules(block)
     recorders = recorders or make_recorders(block, modules, inputs)
+    device = next(p for p in block.parameters() if p.device.type != "meta").device
     for rec in recorders.values():
         rec.calls, rec.used = [], 0
     _record(block, i, inputs, batch, recorders)
@@ -386,7 +398,6 @@ def propagate_in_groups(block: nn.Module, i: int, inputs: BlockInputs, batch: in
         st = m._d2prune_experts
         out = inputs.store.scratch(("experts-out", k), tuple(rec.buffer.shape), rec.buffer.dtype, rec.buffer.device)
         out[:rec.used].zero_()
-        device = next(p for p in block.parameters() if p.device.type != "meta").device
         for experts in st.groups.ranges():
             st.groups.load(experts)
             for _ in rec.replay(m, device, out):
@@ -401,6 +412,8 @@ def propagate_in_groups(block: nn.Module, i: int, inputs: BlockInputs, batch: in
     finally:
         for m in sums:
             m._d2prune_experts.intercept = None
+    for replay in sums.values():
+        replay.check_done()
 
 
 def _same_call(a: object, b: object) -> bool:
